@@ -1,0 +1,377 @@
+"""Constrained domains with reflecting boundaries: boxes and simplices (Xie et al. 2024, "Reflected Flow
+Matching", ICML).
+
+A domain is a *geometry* for :func:`steerflow.sample`: every solver stage is formed with
+``retract(x, dx)``, which follows the straight segment ``x → x + dx`` and reflects it off every wall it
+meets (a billiard), so every stage state lies in the closed domain. Training uses the reflected
+conditional path :class:`ReflectedPath`: ``x_t = R(y_t)`` with ``y_t = alpha_t x_1 + sigma_t x_0`` and the
+target velocity is the *reflected* velocity ``u_t = J_R(y_t) ẏ_t`` (the derivative of the fold along the
+unreflected path; for a box ``J_R`` flips the sign of every coordinate that has been reflected an odd
+number of times). The conditional flow is then the solution of the reflected ODE
+``dx = u_t(x | x_1) dt + dL_t`` of the paper (Skorokhod problem with normal reflection), and its marginal
+velocity ``E[u_t | x_t]`` generates the reflected marginal path.
+
+Box fold (any number of reflections at once): with ``L = high - low`` and ``m = (y - low) mod 2L``,
+``R(y) = low + m`` where ``m ≤ L`` and ``R(y) = low + 2L - m`` otherwise; ``J_R(y) = diag(±1)`` with the
+same case split. For the simplex (whose reflection group does not tile space for ``d ≥ 3``) the reflection
+is the billiard itself: the segment from a start point is traced face to face with Householder reflections
+``r ← r - 2 (aᵀr / aᵀa) a`` until its length is used up; ``J_R`` is the product of those reflections.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from ..paths.affine import AffinePath, PathSample, get_path
+
+BASES = ("uniform", "folded_normal")
+
+
+def _check_points(x: Tensor, dim: int, what: str = "x") -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] != dim:
+        raise ValueError(f"{what} must have shape (..., {dim}), got {tuple(x.shape)}")
+
+
+class AbstractDomain(ABC):
+    """A closed convex domain ``D ⊂ R^d`` with normally reflecting walls.
+
+    Concrete domains provide :meth:`reflect_velocity` (the fold ``R`` and its Jacobian applied to a
+    vector), :meth:`contains`, the base distribution and :meth:`billiard` for solver steps.
+    """
+
+    dim: int
+    base: str
+
+    @abstractmethod
+    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(R(y), J_R(y) u)`` for points ``y`` (..., d) anywhere and vectors ``u`` (..., d)."""
+
+    @abstractmethod
+    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
+        """Boolean (...,): whether each point lies in the domain enlarged by ``atol``."""
+
+    @abstractmethod
+    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        """End point of the segment ``x → x + dx`` (``x`` in ``D``) reflected off the walls (..., d)."""
+
+    @abstractmethod
+    def _outward_normals(self, x: Tensor, atol: float) -> list[tuple[Tensor, Tensor]]:
+        """``[(active (...,), unit normal (..., d))]`` for each wall ``x`` touches within ``atol``."""
+
+    @abstractmethod
+    def volume(self) -> float: ...
+
+    @abstractmethod
+    def _uniform(self, n: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor: ...
+
+    @abstractmethod
+    def _folded_normal_log_prob(self, x: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def _normal_params(self) -> tuple[Tensor, Tensor]:
+        """Centre and standard deviation of the unfolded Gaussian of the ``folded_normal`` base."""
+
+    # --- what a solver needs ----------------------------------------------------------------------
+    def reflect(self, x: Tensor) -> Tensor:
+        """The billiard fold ``R(x)`` of any point into the domain (identity inside, idempotent)."""
+        _check_points(x, self.dim)
+        return self.reflect_velocity(x, torch.zeros_like(x))[0]
+
+    def retract(self, x: Tensor, dx: Tensor) -> Tensor:
+        """One reflected step: ``x + dx`` traced as a billiard from ``x`` (``= reflect(x + dx)`` for a box)."""
+        return self.billiard(x, dx)
+
+    def proju(self, x: Tensor, v: Tensor) -> Tensor:
+        """Project ``v`` onto the tangent cone at ``x``: identity inside; on a wall the outward normal
+        component is removed (the velocity of the Skorokhod reflected ODE)."""
+        out = v
+        for active, n in self._outward_normals(x, atol=0.0):
+            vn = (out * n).sum(-1, keepdim=True)
+            out = torch.where(active[..., None] & (vn > 0), out - vn * n, out)
+        return out
+
+    def proj(self, x: Tensor) -> Tensor:
+        """Alias of :meth:`reflect`, so a domain reads like a manifold's projection."""
+        return self.reflect(x)
+
+    # --- base distribution ------------------------------------------------------------------------
+    def random_base(self, n: int, generator: torch.Generator | None = None, *,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+        """``n`` draws (n, d) of the base distribution, supported in the domain.
+
+        ``uniform``: uniform on ``D``. ``folded_normal``: ``R(c + s ε)``, ``ε ~ N(0, I)`` (the ``t = 0``
+        marginal of :class:`ReflectedPath` with a Gaussian source, see :meth:`random_source`).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if self.base == "uniform":
+            return self._uniform(n, generator, dtype)
+        return self.reflect(self.random_source(n, generator, dtype=dtype))
+
+    def random_source(self, n: int, generator: torch.Generator | None = None, *,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+        """Source draws ``x_0`` for training with :class:`ReflectedPath` (n, d).
+
+        ``uniform``: the uniform base itself. ``folded_normal``: the *unfolded* Gaussian ``c + s ε``; the
+        path folds it, so ``x_{t=0} = R(x_0)`` has the base distribution.
+        """
+        if self.base == "uniform":
+            return self._uniform(n, generator, dtype)
+        c, s = self._normal_params()
+        eps = torch.randn(n, self.dim, generator=generator, dtype=dtype)
+        return c.to(dtype) + s.to(dtype) * eps
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        """``log p_base(x)`` (...,); ``-inf`` outside the domain.
+
+        Uniform: ``-log vol(D)``. Folded normal on a box: the sum over all mirror images of ``x``.
+        """
+        _check_points(x, self.dim)
+        inside = self.contains(x, atol=1e-6)
+        if self.base == "uniform":
+            lp = torch.full(x.shape[:-1], -math.log(self.volume()), dtype=x.dtype, device=x.device)
+        else:
+            lp = self._folded_normal_log_prob(x)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+
+
+class Box(AbstractDomain):
+    """The box ``[low_1, high_1] × ... × [low_d, high_d]`` with reflecting walls.
+
+    Args:
+        low, high: scalars or (d,) bounds with ``low < high``; ``dim`` is needed when both are scalars.
+        base: ``uniform`` (default) or ``folded_normal`` (the fold of ``N(centre, (scale·L)² I)``).
+        scale: standard deviation of the unfolded Gaussian in units of the side length ``L``.
+    """
+
+    def __init__(self, low: float | Tensor = 0.0, high: float | Tensor = 1.0, dim: int | None = None, *,
+                 base: str = "uniform", scale: float = 0.5) -> None:
+        low_t = torch.as_tensor(low, dtype=torch.float64)
+        high_t = torch.as_tensor(high, dtype=torch.float64)
+        if low_t.ndim > 1 or high_t.ndim > 1:
+            raise ValueError(f"low and high must be scalars or 1-D, got shapes {tuple(low_t.shape)}, {tuple(high_t.shape)}")
+        if dim is None:
+            if low_t.ndim == 0 and high_t.ndim == 0:
+                raise ValueError("Box needs dim when low and high are both scalars")
+            dim = int(low_t.numel() if low_t.ndim == 1 else high_t.numel())
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        low_t, high_t = low_t.expand(dim).clone(), high_t.expand(dim).clone()
+        if not (high_t > low_t).all():
+            raise ValueError(f"Box needs low < high in every coordinate, got low={low_t.tolist()}, high={high_t.tolist()}")
+        if base not in BASES:
+            raise ValueError(f"unknown base {base!r}; expected one of {list(BASES)}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.dim, self.low, self.high, self.base, self.scale = dim, low_t, high_t, base, float(scale)
+
+    def __repr__(self) -> str:
+        return f"Box(low={self.low.tolist()}, high={self.high.tolist()}, base={self.base!r})"
+
+    def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.low.to(dtype=x.dtype, device=x.device), self.high.to(dtype=x.dtype, device=x.device)
+
+    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold ``R(y) = low + L·tri((y - low)/L)`` with ``tri(z) = 1 - |(z mod 2) - 1|`` and
+        ``J_R(y) u = sign · u`` where ``sign = -1`` on coordinates reflected an odd number of times."""
+        _check_points(y, self.dim, "y")
+        low, high = self._bounds(y)
+        L = high - low
+        m = torch.remainder(y - low, 2 * L)
+        back = m > L
+        x = torch.where(back, low + 2 * L - m, low + m)
+        x = torch.minimum(torch.maximum(x, low), high)  # round-off guard
+        return x, torch.where(back, -u, u)
+
+    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        # The box's reflection group tiles space, so the billiard end point is the fold of x + dx.
+        return self.reflect(x + dx)
+
+    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
+        _check_points(x, self.dim)
+        low, high = self._bounds(x)
+        return ((x >= low - atol) & (x <= high + atol)).all(-1)
+
+    def _outward_normals(self, x, atol):
+        low, high = self._bounds(x)
+        eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
+        out = []
+        for i in range(self.dim):
+            e = eye[i].expand_as(x)
+            out.append((x[..., i] <= low[i] + atol, -e))
+            out.append((x[..., i] >= high[i] - atol, e))
+        return out
+
+    def volume(self) -> float:
+        return float(torch.prod(self.high - self.low))
+
+    def _uniform(self, n, generator, dtype):
+        u = torch.rand(n, self.dim, generator=generator, dtype=dtype)
+        return self.low.to(dtype) + (self.high - self.low).to(dtype) * u
+
+    def _normal_params(self):
+        return 0.5 * (self.low + self.high), self.scale * (self.high - self.low)
+
+    def _folded_normal_log_prob(self, x: Tensor, images: int = 6) -> Tensor:
+        # Mirror images of x under the fold: low ± (x - low) + 2kL; truncated at |k| ≤ images.
+        low, high = self._bounds(x)
+        L = high - low
+        c, s = (p.to(dtype=x.dtype, device=x.device) for p in self._normal_params())
+        k = torch.arange(-images, images + 1, dtype=x.dtype, device=x.device)
+        pre = torch.stack([x, 2 * low - x], dim=-1)[..., None] + 2 * k * L[..., None, None]  # (..., d, 2, K)
+        z = (pre - c[..., None, None]) / s[..., None, None]
+        lp = torch.logsumexp((-0.5 * z**2).flatten(-2), dim=-1) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+        return lp.sum(-1)
+
+
+class Simplex(AbstractDomain):
+    """The corner simplex ``{x ∈ R^d : x_i ≥ 0, Σ_i x_i ≤ 1}`` with reflecting faces.
+
+    A point of the probability simplex ``Δ^d ⊂ R^{d+1}`` is its first ``d`` coordinates; the last is
+    ``1 - Σ_i x_i``. ``reflect(y)`` is the billiard from the barycentre ``c = 1/(d+1)`` along ``y - c``;
+    ``retract(x, dx)`` is the billiard from ``x`` along ``dx``.
+
+    Args:
+        d: dimension.
+        base: ``uniform`` (Dirichlet(1, ..., 1)) or ``folded_normal`` (billiard fold of
+            ``N(c, scale² I)``; its density has no closed form, so ``base_log_prob`` is only offered for
+            the uniform base).
+        max_reflections: bound on the faces one segment may hit before it is stopped (then projected).
+    """
+
+    def __init__(self, d: int, *, base: str = "uniform", scale: float = 0.3, max_reflections: int = 1000) -> None:
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"d must be a positive integer, got {d!r}")
+        if base not in BASES:
+            raise ValueError(f"unknown base {base!r}; expected one of {list(BASES)}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.dim, self.base, self.scale, self.max_reflections = d, base, float(scale), int(max_reflections)
+
+    def __repr__(self) -> str:
+        return f"Simplex({self.dim}, base={self.base!r})"
+
+    def _faces(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Half-spaces ``A x ≤ b``: rows ``-e_i`` (``x_i ≥ 0``) and ``1`` (``Σ x ≤ 1``); A (d+1, d), b (d+1,)."""
+        A = torch.cat([-torch.eye(self.dim, dtype=x.dtype, device=x.device),
+                       torch.ones(1, self.dim, dtype=x.dtype, device=x.device)])
+        b = torch.zeros(self.dim + 1, dtype=x.dtype, device=x.device)
+        b[-1] = 1.0
+        return A, b
+
+    def _trace(self, p: Tensor, r: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Trace segments from ``p`` (n, d) along ``r`` (n, d); reflect ``u`` (n, d) with ``r``."""
+        A, b = self._faces(p)
+        aa = (A * A).sum(-1)
+        p, r, u = p.clone(), r.clone(), u.clone()
+        active = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+        eps = 64 * torch.finfo(p.dtype).eps
+        for _ in range(self.max_reflections):
+            if not active.any():
+                break
+            idx = active.nonzero().squeeze(-1)
+            pa, ra = p[idx], r[idx]
+            ar = ra @ A.T                                             # (m, F)
+            slack = b - pa @ A.T                                      # ≥ 0 inside
+            s = torch.where(ar > eps, slack.clamp_min(0) / ar.clamp_min(eps), torch.full_like(ar, math.inf))
+            s_min, f = s.min(-1)
+            hit = s_min < 1
+            done = idx[~hit]
+            p[done] = p[done] + r[done]
+            active[done] = False
+            if hit.any():
+                h = idx[hit]
+                sh, fh = s_min[hit][:, None], f[hit]
+                p[h] = p[h] + sh * r[h]
+                a = A[fh]
+                rem = (1 - sh) * r[h]
+                r[h] = rem - 2 * ((rem * a).sum(-1, keepdim=True) / aa[fh][:, None]) * a
+                u[h] = u[h] - 2 * ((u[h] * a).sum(-1, keepdim=True) / aa[fh][:, None]) * a
+        if active.any():  # ran out of reflections: stop on the wall where it stands
+            p[active] = self._clip(p[active])
+        return self._clip(p), u
+
+    def _clip(self, x: Tensor) -> Tensor:
+        # Round-off guard: points a few ulps outside are put back (not a projection of far points).
+        x = x.clamp_min(0)
+        s = x.sum(-1, keepdim=True)
+        return torch.where(s > 1, x / s, x)
+
+    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Billiard from the barycentre to ``y`` and the reflections it made applied to ``u``."""
+        _check_points(y, self.dim, "y")
+        shape = y.shape
+        y2, u2 = y.reshape(-1, self.dim), u.reshape(-1, self.dim)
+        c = torch.full_like(y2, 1.0 / (self.dim + 1))
+        x, ju = self._trace(c, y2 - c, u2)
+        return x.reshape(shape), ju.reshape(shape)
+
+    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        _check_points(x, self.dim)
+        shape = x.shape
+        x2 = self._clip(x.reshape(-1, self.dim))
+        out, _ = self._trace(x2, dx.reshape(-1, self.dim), torch.zeros_like(x2))
+        return out.reshape(shape)
+
+    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
+        _check_points(x, self.dim)
+        return (x >= -atol).all(-1) & (x.sum(-1) <= 1 + atol)
+
+    def _outward_normals(self, x, atol):
+        A, b = self._faces(x)
+        n = A / A.norm(dim=-1, keepdim=True)
+        act = (x @ A.T) >= b - atol
+        return [(act[..., f], n[f].expand_as(x)) for f in range(A.shape[0])]
+
+    def volume(self) -> float:
+        return 1.0 / math.factorial(self.dim)
+
+    def _uniform(self, n, generator, dtype):
+        e = -torch.log(torch.rand(n, self.dim + 1, generator=generator, dtype=torch.float64).clamp_min(1e-300))
+        return (e / e.sum(-1, keepdim=True))[:, :-1].to(dtype)
+
+    def _normal_params(self):
+        return torch.full((self.dim,), 1.0 / (self.dim + 1), dtype=torch.float64), torch.tensor(self.scale, dtype=torch.float64)
+
+    def _folded_normal_log_prob(self, x):
+        raise NotImplementedError("the folded-normal base of a simplex has no closed-form density; use base='uniform'")
+
+
+class ReflectedPath:
+    """The reflected conditional path of Reflected Flow Matching (Xie et al. 2024, §3).
+
+    ``y_t = alpha_t x_1 + sigma_t x_0`` (any affine path), ``x_t = R(y_t)``,
+    ``u_t = J_R(y_t) (d_alpha_t x_1 + d_sigma_t x_0)``: the conditional flow is the reflected ODE, and the
+    target velocity is the unreflected one with the reflected components flipped (for a box; the product of
+    the billiard's Householder reflections for a simplex). ``x_1`` must lie in the domain; ``x_0`` may be a
+    draw of :meth:`AbstractDomain.random_source` (an unfolded Gaussian is folded here, so ``x_{t=0}`` has
+    the domain's base distribution).
+    """
+
+    def __init__(self, domain: AbstractDomain, path: str | AffinePath = "linear") -> None:
+        if not isinstance(domain, AbstractDomain):
+            raise TypeError(f"domain must be a Box or Simplex, got {type(domain).__name__}")
+        self.domain, self.path = domain, get_path(path)
+
+    def __repr__(self) -> str:
+        return f"ReflectedPath({self.domain!r}, {self.path!r})"
+
+    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> PathSample:
+        """``PathSample(x_t, u_t, t)`` (b, d) of the reflected path for pairs ``x_0, x_1`` (b, d), ``t`` (b,)."""
+        if x_0.shape != x_1.shape:
+            raise ValueError(f"x_0 and x_1 must have the same shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
+        if t.shape != (x_0.shape[0],):
+            raise ValueError(f"t must have shape ({x_0.shape[0]},), got {tuple(t.shape)}")
+        c = self.path.coefficients(t, x_0)
+        y_t = c.alpha_t * x_1 + c.sigma_t * x_0
+        dy_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0
+        x_t, u_t = self.domain.reflect_velocity(y_t, dy_t)
+        return PathSample(x_t=x_t, u_t=u_t, t=t, x_0=x_0, x_1=x_1)
+
+
+__all__ = ["AbstractDomain", "Box", "Simplex", "ReflectedPath", "BASES"]

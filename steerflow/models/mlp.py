@@ -1,0 +1,91 @@
+"""Multilayer-perceptron velocity fields for low-dimensional data."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import AbstractVelocityModel, LabelEmbedding, SinusoidalTimeEmbedding, check_time, get_activation
+
+
+class MLPVelocity(AbstractVelocityModel):
+    """``v_θ(x, t, y) = MLP([x, φ(t), e(y)])`` for states of shape (b, dim) (or (b, *d) with ``prod d = dim``).
+
+    ``φ`` is the sinusoidal time embedding (:class:`SinusoidalTimeEmbedding`, width ``time_embed_dim``),
+    ``e`` the optional class embedding with a null token (``n_classes`` set; ``cond=None`` is the null
+    class, and ``label_dropout`` drops labels during training for classifier-free guidance).
+    ``depth`` hidden layers of width ``hidden`` with ``activation``; linear output of size ``dim``.
+    """
+
+    name: ClassVar[str] = "mlp"
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_embed_dim: int = 64,
+                 activation: str = "silu", n_classes: int | None = None, label_dropout: float = 0.0) -> None:
+        super().__init__()
+        for key, val in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+            if not (isinstance(val, int) and val >= 1):
+                raise ValueError(f"{key} must be a positive int, got {val!r}")
+        self._set_config(dim=dim, hidden=hidden, depth=depth, time_embed_dim=time_embed_dim,
+                         activation=activation, n_classes=n_classes, label_dropout=label_dropout)
+        self.dim = dim
+        self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
+        self.label_embed = (LabelEmbedding(n_classes, time_embed_dim, label_dropout)
+                            if n_classes is not None else None)
+        width_in = dim + time_embed_dim * (2 if n_classes is not None else 1)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), get_activation(activation)]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) integer labels or None -> (b, *d)."""
+        shape = x.shape
+        h = x.reshape(shape[0], -1)
+        if h.shape[1] != self.dim:
+            raise ValueError(f"MLPVelocity(dim={self.dim}) got x of shape {tuple(shape)}")
+        t = check_time(t, x)
+        feats = [h, self.time_embed(t).to(h.dtype)]
+        if self.label_embed is not None:
+            feats.append(self.label_embed(cond, shape[0], x.device).to(h.dtype))
+        elif cond is not None:
+            raise ValueError("cond was given but the model was built with n_classes=None")
+        return self.net(torch.cat(feats, dim=-1)).reshape(shape)
+
+
+class SeluMLP(AbstractVelocityModel):
+    """torchcfm's benchmark network: ``MLP([x, t])``, three hidden layers of ``width`` with SELU.
+
+    Same layer sequence and parameter order as ``torchcfm.models.models.MLP(dim, w=width,
+    time_varying=True)`` (Tong et al. 2024), so a shared seed gives identical weights: used for parity
+    benchmarks against torchcfm and flow_matching. Unconditional.
+    """
+
+    name: ClassVar[str] = "mlp-selu"
+
+    def __init__(self, dim: int, width: int = 64) -> None:
+        super().__init__()
+        if not (isinstance(dim, int) and dim >= 1 and isinstance(width, int) and width >= 1):
+            raise ValueError(f"dim and width must be positive ints, got dim={dim!r}, width={width!r}")
+        self._set_config(dim=dim, width=width)
+        self.dim = dim
+        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SELU(), nn.Linear(width, width), nn.SELU(),
+                                 nn.Linear(width, width), nn.SELU(), nn.Linear(width, dim))
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``x`` (b, dim), ``t`` (b,) -> (b, dim)."""
+        if cond is not None:
+            raise ValueError("SeluMLP is unconditional; got cond")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"SeluMLP(dim={self.dim}) expects x of shape (b, {self.dim}), got {tuple(x.shape)}")
+        t = check_time(t, x)
+        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=-1))
