@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["as_numpy", "image_grid", "plot_samples", "plot_nfe_grid", "plot_trajectories", "plot_losses"]
+__all__ = ["as_numpy", "image_grid", "plot_samples", "plot_nfe_grid", "plot_trajectories", "plot_losses",
+           "plot_metric_vs_nfe"]
 
 # a fixed, colour-blind–safe palette (Okabe & Ito 2008)
 DATA_COLOR = "#bbbbbb"
@@ -188,7 +189,8 @@ def plot_nfe_grid(samples: Mapping[str, Mapping[str, object]], out, *, data=None
                     ax.text(0.03, 0.03, f"{score_name} {scores[r][c]:.3f}", transform=ax.transAxes, fontsize=7,
                             bbox=dict(facecolor="white", alpha=0.8, lw=0, pad=1.5))
             else:
-                ax.text(0.5, 0.5, "—", transform=ax.transAxes, ha="center", va="center", color="#999999")
+                ax.text(0.5, 0.5, "n/a", transform=ax.transAxes, ha="center", va="center", color="#777777",
+                        fontsize=9, bbox=dict(facecolor="white", alpha=0.85, lw=0))
             _style(ax, xlim, ylim)
             if i == 0:
                 ax.set_title(c, fontsize=9)
@@ -216,7 +218,7 @@ def plot_trajectories(trajectories: Mapping[str, object], out, *, data=None, n_p
     for k, v in trajs.items():
         if v.ndim != 3 or v.shape[-1] < 2:
             raise ValueError(f"trajectory {k!r} must have shape (n_times, b, 2), got {v.shape}")
-    xlim, ylim = _limits(*[v[[0, -1]] for v in trajs.values()], d, pad=0.05)
+    xlim, ylim = _limits(*[v[[0, -1]] for v in trajs.values()], d, pad=0.05, q=1.0)
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.5), squeeze=False)
     for j, k in enumerate(names):
         ax, xs = axes[0, j], trajs[k]
@@ -253,6 +255,33 @@ def plot_losses(losses: Mapping[str, Sequence[float]], out, *, title: str | None
     ax.set_ylabel("loss")
     ax.legend(frameon=False, fontsize=8)
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_metric_vs_nfe(curves: Mapping[str, Sequence[tuple[float, float]]], out, *, floor: float | None = None,
+                       ylabel: str = "W2", title: str | None = None) -> Path:
+    """Quality against cost: ``{model: [(nfe, value), ...]}`` on a log-x axis, with an optional noise floor."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    markers = "osD^v<>p"
+    for j, (k, pts) in enumerate(curves.items()):
+        pts = sorted((float(a), float(b)) for a, b in pts)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=markers[j % len(markers)], ms=5, lw=1.4, c=PALETTE[j % len(PALETTE)], label=k)
+    if floor is not None:
+        ax.axhline(floor, c="#888888", ls="--", lw=1, label="noise floor (data vs data)")
+    ax.set_xscale("log", base=2)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -37,16 +37,16 @@ def test_inversion_then_generation_reconstructs_to_solver_accuracy():
     """Exact field, float64: the round trip error falls at the solver's order (midpoint: 2, rk4: 4)."""
     x1 = _data(32, seed=1)
     for method, order in (("midpoint", 2), ("rk4", 4)):
-        ns = [8, 16, 32] if method == "rk4" else [16, 32, 64]
+        ns = [8, 16, 32, 64] if method == "rk4" else [16, 32, 64]
         errs = []
         for n in ns:
             z = invert(GMM.velocity, x1, steps=n, method=method)
             x_rec = steerflow.sample(GMM.velocity, z, steps=n, method=method)
             errs.append(float((x_rec - x1).abs().max()))
         slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
-        assert errs[0] > errs[1] > errs[2], (method, errs)
+        assert all(a > b for a, b in zip(errs, errs[1:])), (method, errs)
         assert slope > order - 0.5, (method, slope, errs)
-    assert errs[-1] < 1e-5
+    assert errs[-1] < 5e-6  # rk4, 64 steps
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint"])
@@ -117,36 +117,38 @@ def test_singular_endpoints_and_bad_arguments_raise():
 
 
 def test_rectified_sde_reproduces_the_mixture():
-    """Euler–Maruyama with the score read off the exact velocity keeps the marginals (g = 1 and g = 1 − t).
+    """Euler–Maruyama with the score read off the exact velocity keeps the marginals (g = 1 and g = 1.5 (1 − t)).
 
-    The energy distance to fresh mixture samples must sit at the two-sample noise floor (estimated from
-    independent mixture draws of the same size), and the SDE must actually be stochastic.
+    The energy distance of 1000 SDE samples to 3000 fresh mixture samples must sit inside the two-sample
+    noise band (the largest of 8 distances of independent exact draws of the same sizes), and the SDE must
+    actually be stochastic. Dropping the score correction is detected at 20x the band.
     """
-    n = 600
+    n = 1000
+    ref = _data(3000, seed=99)
+    floor = max(energy_distance(_data(n, seed=10 + i), ref) for i in range(8))
     gen = torch.Generator().manual_seed(0)
-    floor = np.median([energy_distance(_data(n, seed=10 + i), _data(n, seed=20 + i)) for i in range(5)])
     for g in (1.0, lambda t: 1.5 * (1 - t)):
         x0 = torch.randn(n, 2, dtype=torch.float64, generator=gen)
         cost = Cost()
         out = steerflow.sample(GMM.velocity, x0, steps=200, method="euler", guidance=RectifiedSDE(g),
                                generator=torch.Generator().manual_seed(1), cost=cost)
         assert cost.nfe == 200
-        ed = energy_distance(out, _data(n, seed=99))
-        assert ed < 3 * floor, (ed, floor)
+        ed = energy_distance(out, ref)
+        assert ed < 1.5 * floor, (ed, floor)
         ode = steerflow.sample(GMM.velocity, x0, steps=200, method="euler")
         assert float((out - ode).norm(dim=1).mean()) > 0.1
-    # too little diffusion correction (drift without the score term) is detectably wrong at this n
-    class NoCorrection(RectifiedSDE):
+
+    class NoCorrection(RectifiedSDE):  # noise without the (g²/2) score drift: wrong marginals
         def velocity(self, v, x, t, dt, *, generator=None, cost=None):
             return v(x, t)
 
     bad = steerflow.sample(GMM.velocity, torch.randn(n, 2, dtype=torch.float64, generator=gen), steps=200,
                            method="euler", guidance=NoCorrection(1.0), generator=torch.Generator().manual_seed(1))
-    assert energy_distance(bad, _data(n, seed=99)) > 3 * floor
+    assert energy_distance(bad, ref) > 20 * floor
 
 
 def test_rectified_sde_is_seeded_and_reverses_on_a_decreasing_grid():
-    n = 600
+    n = 1000
     x1 = _data(n, seed=7)
     a = steerflow.sample(GMM.velocity, x1, ts=uniform_grid(200).flip(0), guidance=RectifiedSDE(1.0),
                          generator=torch.Generator().manual_seed(3))
@@ -154,7 +156,7 @@ def test_rectified_sde_is_seeded_and_reverses_on_a_decreasing_grid():
                          generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     # stochastic inversion lands on the source N(0, I)
-    noise = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    floor = np.median([energy_distance(torch.randn(n, 2, dtype=torch.float64),
-                                       torch.randn(n, 2, dtype=torch.float64)) for _ in range(5)])
-    assert energy_distance(a, noise) < 3 * floor
+    g = torch.Generator().manual_seed(8)
+    noise = torch.randn(3000, 2, dtype=torch.float64, generator=g)
+    floor = max(energy_distance(torch.randn(n, 2, dtype=torch.float64, generator=g), noise) for _ in range(8))
+    assert energy_distance(a, noise) < 1.5 * floor

@@ -201,7 +201,10 @@ def load_data(name: str):
 def data_sampler(dataset):
     """``(n, generator) -> (n, *d)`` float32 for a dataset from :func:`load_data`."""
     def draw(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.as_tensor(dataset.sample(n, generator=generator)).float()
+        x = dataset.sample(n, generator=generator)
+        if isinstance(x, tuple):  # labelled data: (x, labels)
+            x = x[0]
+        return torch.as_tensor(x).float()
     return draw
 
 
@@ -247,21 +250,23 @@ def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.d
         raise CLIError(f"--ckpt: expected a checkpoint directory, got the file {str(d)!r}")
     info = RunInfo.load(d)
     try:
-        model = load_checkpoint(d, ema=ema, map_location=device).model
+        ckpt = load_checkpoint(d, device=device)
     except FileNotFoundError as e:
         raise CLIError(f"--ckpt {str(d)!r}: incomplete checkpoint ({_msg(e)})") from None
     except Exception as e:  # corrupt JSON, truncated safetensors, state-dict mismatch: all user-facing here
-        raise CLIError(f"--ckpt {str(d)!r}: cannot load checkpoint ({type(e).__name__}: {_msg(e)})") from None
+        raise CLIError(f"--ckpt {str(d)!r}: cannot load checkpoint ({_msg(e)})") from None
+    model = ckpt.ema_model if (ema and ckpt.ema_model is not None) else ckpt.model
     model.to(device).eval()
     return Loaded(model=model, info=info, directory=d)
 
 
-def save_flow(model: torch.nn.Module, directory: str | os.PathLike, info: RunInfo, **extra_config: Any) -> Path:
-    """Write ``model`` as a checkpoint (config JSON + safetensors) and ``run.json``."""
+def save_flow(model: torch.nn.Module, directory: str | os.PathLike, info: RunInfo, *, step: int,
+              config: dict[str, Any]) -> Path:
+    """Write ``model`` as a checkpoint (config JSON + safetensors) in ``directory`` and ``run.json`` beside it."""
     from ..training import save_checkpoint
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(d, model)
+    save_checkpoint(d, model, config=config, step=step)
     info.save(d)
     return d

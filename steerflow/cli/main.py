@@ -72,7 +72,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Show ``(default: X)`` only where there is a meaningful default (not None/False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _load_commands() -> list[str]:
@@ -132,8 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steerflow: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, KeyError, FloatingPointError, ImportError) as e:
+    except (CLIError, ValueError, TypeError, OSError, KeyError, FloatingPointError, ImportError) as e:
         if debug:
             raise
         print(f"steerflow: error: {_one_line(e)}", file=sys.stderr)

@@ -61,6 +61,9 @@ class AbstractManifold(ABC):
     dim: int
     shape: tuple[int, ...]
     name: str
+    projection_stages = True
+    """Solvers take Runge–Kutta stages in the ambient space and project each step's result with
+    ``projx`` (order-preserving projection method; see ``steerflow.solvers.steps``)."""
 
     # --- geometry ---------------------------------------------------------------------------------
     @abstractmethod
@@ -146,17 +149,20 @@ class AbstractManifold(ABC):
                              f"got {tuple(x.shape)}")
         if atol is None:
             atol = 1e-8 if x.dtype == torch.float64 else 1e-4
-        r = self.residual(x)
+        r = self.residual(x).detach()
         if not torch.isfinite(r).all() or (r > atol).any():
             raise ValueError(f"points are not on {self.name}: max residual {float(r.max()):.3g} > atol={atol:g}")
 
     def check_tangent(self, x: Tensor, u: Tensor, atol: float | None = None) -> None:
-        """Raise ``ValueError`` unless ``u`` is tangent at ``x`` (``|u - proju(x, u)|`` ≤ ``atol``)."""
+        """Raise ``ValueError`` unless ``u`` is tangent at ``x``: ``|u - proju(x, u)|_∞ ≤ atol (1 + |x|_∞ |u|_∞)``
+        (relative to the coordinates' size, which grows like ``e^r`` on the hyperboloid)."""
         if u.shape != x.shape:
             raise ValueError(f"tangent vectors must have the point's shape {tuple(x.shape)}, got {tuple(u.shape)}")
         if atol is None:
             atol = 1e-8 if x.dtype == torch.float64 else 1e-4
-        r = (u - self.proju(x, u)).reshape(x.shape[0], -1).abs().amax(-1)
+        b = x.shape[0]
+        scale = 1 + x.reshape(b, -1).abs().amax(-1) * u.reshape(b, -1).abs().amax(-1)
+        r = ((u - self.proju(x, u)).reshape(b, -1).abs().amax(-1) / scale).detach()
         if (r > atol).any():
             raise ValueError(f"vectors are not tangent to {self.name}: max normal part {float(r.max()):.3g}")
 

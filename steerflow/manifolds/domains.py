@@ -30,11 +30,17 @@ from ..paths.affine import AffinePath, PathSample, get_path
 BASES = ("uniform", "folded_normal")
 
 
-def _check_points(x: Tensor, dim: int, what: str = "x") -> None:
+def _rows(x: Tensor, dim: int, what: str = "x") -> tuple[Tensor, tuple[int, ...]]:
+    """View points as rows (n, dim). Accepted: (..., dim), or (b, *event) with ``dim`` elements per sample
+    (e.g. images (b, C, H, W) in a box of dimension C·H·W). Returns the rows and the batch shape."""
     if not torch.is_tensor(x):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 1 or x.shape[-1] != dim:
-        raise ValueError(f"{what} must have shape (..., {dim}), got {tuple(x.shape)}")
+    if x.ndim >= 1 and x.shape[-1] == dim:
+        return x.reshape(-1, dim), tuple(x.shape[:-1])
+    if x.ndim >= 2 and x[0].numel() == dim:
+        return x.reshape(x.shape[0], dim), tuple(x.shape[:1])
+    raise ValueError(f"{what} must have shape (..., {dim}) or (b, *event) with {dim} elements per sample, "
+                     f"got {tuple(x.shape)}")
 
 
 class AbstractDomain(ABC):
@@ -48,20 +54,39 @@ class AbstractDomain(ABC):
     base: str
 
     @abstractmethod
-    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(R(y), J_R(y) u)`` for points ``y`` (..., d) anywhere and vectors ``u`` (..., d)."""
+    def _reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`reflect_velocity` on rows (n, d)."""
 
     @abstractmethod
-    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
-        """Boolean (...,): whether each point lies in the domain enlarged by ``atol``."""
+    def _contains(self, x: Tensor, atol: float) -> Tensor:
+        """:meth:`contains` on rows (n, d) → (n,)."""
 
     @abstractmethod
-    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
-        """End point of the segment ``x → x + dx`` (``x`` in ``D``) reflected off the walls (..., d)."""
+    def _billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        """:meth:`billiard` on rows (n, d)."""
 
     @abstractmethod
     def _outward_normals(self, x: Tensor, atol: float) -> list[tuple[Tensor, Tensor]]:
-        """``[(active (...,), unit normal (..., d))]`` for each wall ``x`` touches within ``atol``."""
+        """``[(active (n,), unit normal (n, d))]`` for each wall the rows ``x`` touch within ``atol``."""
+
+    # --- points of any shape (..., d) or (b, *event) ---------------------------------------------
+    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(R(y), J_R(y) u)`` for points ``y`` anywhere and vectors ``u`` of the same shape."""
+        y2, _ = _rows(y, self.dim, "y")
+        u2, _ = _rows(u, self.dim, "u")
+        x, ju = self._reflect_velocity(y2, u2)
+        return x.reshape(y.shape), ju.reshape(u.shape)
+
+    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
+        """Boolean, one per point: whether each point lies in the domain enlarged by ``atol``."""
+        x2, batch = _rows(x, self.dim)
+        return self._contains(x2, atol).reshape(batch)
+
+    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        """End point of the segment ``x → x + dx`` (``x`` in ``D``) reflected off the walls."""
+        x2, _ = _rows(x, self.dim)
+        dx2, _ = _rows(dx, self.dim, "dx")
+        return self._billiard(x2, dx2).reshape(x.shape)
 
     @abstractmethod
     def volume(self) -> float: ...
@@ -79,7 +104,6 @@ class AbstractDomain(ABC):
     # --- what a solver needs ----------------------------------------------------------------------
     def reflect(self, x: Tensor) -> Tensor:
         """The billiard fold ``R(x)`` of any point into the domain (identity inside, idempotent)."""
-        _check_points(x, self.dim)
         return self.reflect_velocity(x, torch.zeros_like(x))[0]
 
     def retract(self, x: Tensor, dx: Tensor) -> Tensor:
@@ -89,19 +113,20 @@ class AbstractDomain(ABC):
     def proju(self, x: Tensor, v: Tensor) -> Tensor:
         """Project ``v`` onto the tangent cone at ``x``: identity inside; on a wall the outward normal
         component is removed (the velocity of the Skorokhod reflected ODE)."""
-        out = v
-        for active, n in self._outward_normals(x, atol=0.0):
+        x2, _ = _rows(x, self.dim)
+        out, _ = _rows(v, self.dim, "v")
+        for active, n in self._outward_normals(x2, atol=0.0):
             vn = (out * n).sum(-1, keepdim=True)
             out = torch.where(active[..., None] & (vn > 0), out - vn * n, out)
-        return out
+        return out.reshape(v.shape)
 
-    def proj(self, x: Tensor) -> Tensor:
-        """Alias of :meth:`reflect`, so a domain reads like a manifold's projection."""
+    def projx(self, x: Tensor) -> Tensor:
+        """Alias of :meth:`reflect` (the name manifolds use for "put a point back on the space")."""
         return self.reflect(x)
 
     # --- base distribution ------------------------------------------------------------------------
     def random_base(self, n: int, generator: torch.Generator | None = None, *,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+                    dtype: torch.dtype = torch.float32, device=None) -> Tensor:
         """``n`` draws (n, d) of the base distribution, supported in the domain.
 
         ``uniform``: uniform on ``D``. ``folded_normal``: ``R(c + s ε)``, ``ε ~ N(0, I)`` (the ``t = 0``
@@ -110,34 +135,34 @@ class AbstractDomain(ABC):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if self.base == "uniform":
-            return self._uniform(n, generator, dtype)
-        return self.reflect(self.random_source(n, generator, dtype=dtype))
+            return self._uniform(n, generator, dtype).to(device)
+        return self.reflect(self.random_source(n, generator, dtype=dtype, device=device))
 
     def random_source(self, n: int, generator: torch.Generator | None = None, *,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
+                      dtype: torch.dtype = torch.float32, device=None) -> Tensor:
         """Source draws ``x_0`` for training with :class:`ReflectedPath` (n, d).
 
         ``uniform``: the uniform base itself. ``folded_normal``: the *unfolded* Gaussian ``c + s ε``; the
         path folds it, so ``x_{t=0} = R(x_0)`` has the base distribution.
         """
         if self.base == "uniform":
-            return self._uniform(n, generator, dtype)
+            return self._uniform(n, generator, dtype).to(device)
         c, s = self._normal_params()
         eps = torch.randn(n, self.dim, generator=generator, dtype=dtype)
-        return c.to(dtype) + s.to(dtype) * eps
+        return (c.to(dtype) + s.to(dtype) * eps).to(device)
 
     def base_log_prob(self, x: Tensor) -> Tensor:
         """``log p_base(x)`` (...,); ``-inf`` outside the domain.
 
         Uniform: ``-log vol(D)``. Folded normal on a box: the sum over all mirror images of ``x``.
         """
-        _check_points(x, self.dim)
-        inside = self.contains(x, atol=1e-6)
+        x2, batch = _rows(x, self.dim)
+        inside = self._contains(x2, 1e-6)
         if self.base == "uniform":
-            lp = torch.full(x.shape[:-1], -math.log(self.volume()), dtype=x.dtype, device=x.device)
+            lp = torch.full(x2.shape[:1], -math.log(self.volume()), dtype=x.dtype, device=x.device)
         else:
-            lp = self._folded_normal_log_prob(x)
-        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+            lp = self._folded_normal_log_prob(x2)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf)).reshape(batch)
 
 
 class Box(AbstractDomain):
@@ -176,10 +201,9 @@ class Box(AbstractDomain):
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.low.to(dtype=x.dtype, device=x.device), self.high.to(dtype=x.dtype, device=x.device)
 
-    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Fold ``R(y) = low + L·tri((y - low)/L)`` with ``tri(z) = 1 - |(z mod 2) - 1|`` and
-        ``J_R(y) u = sign · u`` where ``sign = -1`` on coordinates reflected an odd number of times."""
-        _check_points(y, self.dim, "y")
+    def _reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        # Fold R(y) = low + L·tri((y - low)/L), tri(z) = 1 - |(z mod 2) - 1|; J_R(y) u = sign · u with
+        # sign = -1 on the coordinates reflected an odd number of times.
         low, high = self._bounds(y)
         L = high - low
         m = torch.remainder(y - low, 2 * L)
@@ -188,12 +212,11 @@ class Box(AbstractDomain):
         x = torch.minimum(torch.maximum(x, low), high)  # round-off guard
         return x, torch.where(back, -u, u)
 
-    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+    def _billiard(self, x: Tensor, dx: Tensor) -> Tensor:
         # The box's reflection group tiles space, so the billiard end point is the fold of x + dx.
-        return self.reflect(x + dx)
+        return self._reflect_velocity(x + dx, dx)[0]
 
-    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
-        _check_points(x, self.dim)
+    def _contains(self, x: Tensor, atol: float) -> Tensor:
         low, high = self._bounds(x)
         return ((x >= low - atol) & (x <= high + atol)).all(-1)
 
@@ -203,8 +226,8 @@ class Box(AbstractDomain):
         out = []
         for i in range(self.dim):
             e = eye[i].expand_as(x)
-            out.append((x[..., i] <= low[i] + atol, -e))
-            out.append((x[..., i] >= high[i] - atol, e))
+            out.append((x[:, i] <= low[i] + atol, -e))
+            out.append((x[:, i] >= high[i] - atol, e))
         return out
 
     def volume(self) -> float:
@@ -302,31 +325,28 @@ class Simplex(AbstractDomain):
         s = x.sum(-1, keepdim=True)
         return torch.where(s > 1, x / s, x)
 
-    def reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Billiard from the barycentre to ``y`` and the reflections it made applied to ``u``."""
-        _check_points(y, self.dim, "y")
-        shape = y.shape
-        y2, u2 = y.reshape(-1, self.dim), u.reshape(-1, self.dim)
-        c = torch.full_like(y2, 1.0 / (self.dim + 1))
-        x, ju = self._trace(c, y2 - c, u2)
-        return x.reshape(shape), ju.reshape(shape)
+    def _reflect_velocity(self, y: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        # Billiard from the barycentre to y; the reflections it makes are applied to u.
+        inside = self._contains(y, 0.0)
+        x, ju = y.clone(), u.clone()
+        out = ~inside
+        if out.any():  # points inside are returned bit for bit; only the others are traced
+            c = torch.full_like(y[out], 1.0 / (self.dim + 1))
+            x[out], ju[out] = self._trace(c, y[out] - c, u[out])
+        return x, ju
 
-    def billiard(self, x: Tensor, dx: Tensor) -> Tensor:
-        _check_points(x, self.dim)
-        shape = x.shape
-        x2 = self._clip(x.reshape(-1, self.dim))
-        out, _ = self._trace(x2, dx.reshape(-1, self.dim), torch.zeros_like(x2))
-        return out.reshape(shape)
+    def _billiard(self, x: Tensor, dx: Tensor) -> Tensor:
+        x = self._clip(x)
+        return self._trace(x, dx, torch.zeros_like(x))[0]
 
-    def contains(self, x: Tensor, atol: float = 0.0) -> Tensor:
-        _check_points(x, self.dim)
+    def _contains(self, x: Tensor, atol: float) -> Tensor:
         return (x >= -atol).all(-1) & (x.sum(-1) <= 1 + atol)
 
     def _outward_normals(self, x, atol):
         A, b = self._faces(x)
         n = A / A.norm(dim=-1, keepdim=True)
         act = (x @ A.T) >= b - atol
-        return [(act[..., f], n[f].expand_as(x)) for f in range(A.shape[0])]
+        return [(act[:, f], n[f].expand_as(x)) for f in range(A.shape[0])]
 
     def volume(self) -> float:
         return 1.0 / math.factorial(self.dim)

@@ -11,6 +11,8 @@ from torch import nn
 
 from .base import (ACTIVATIONS, AbstractVelocityModel, LabelEmbedding, SinusoidalTimeEmbedding, get_activation)
 from .mlp import MLPVelocity, SeluMLP
+from .population import ConditionedVelocityMLP, PopulationVelocity, SetEncoder
+from .potential import ICNN, PotentialMLP, PotentialVelocity, QuadraticPotential
 from .unet import UNetVelocity, count_parameters
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLPVelocity, "mlp-selu": SeluMLP, "unet": UNetVelocity}
@@ -51,4 +53,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 __all__ = ["MODELS", "build_model", "model_name", "unwrap_model", "count_parameters", "AbstractVelocityModel",
            "MLPVelocity", "SeluMLP", "UNetVelocity", "SinusoidalTimeEmbedding", "LabelEmbedding", "ACTIVATIONS",
-           "get_activation"]
+           "get_activation", "ConditionedVelocityMLP", "PopulationVelocity", "SetEncoder", "ICNN", "PotentialMLP",
+           "PotentialVelocity", "QuadraticPotential"]
+

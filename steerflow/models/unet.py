@@ -18,8 +18,11 @@ from .base import AbstractVelocityModel, LabelEmbedding, SinusoidalTimeEmbedding
 
 
 def _groups(channels: int) -> int:
-    """Largest group count <= 32 dividing ``channels`` (GroupNorm needs an exact division)."""
-    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    """Largest group count <= 32 dividing ``channels`` with at least 4 channels per group.
+
+    One channel per group would normalise away the per-channel embedding added just before ``norm2``.
+    """
+    return max(g for g in range(1, max(1, min(32, channels // 4)) + 1) if channels % g == 0)
 
 
 class _ResBlock(nn.Module):

@@ -32,6 +32,11 @@ class _Augmented:
 
     def __init__(self, geometry: Geometry, shape: tuple[int, ...]) -> None:
         self.geometry, self.shape = geometry, shape
+        self.projection_stages = bool(getattr(geometry, "projection_stages", False))
+
+    def projx(self, z: Tensor) -> Tensor:
+        x, l = self._split(z)
+        return torch.cat([self.geometry.projx(x).reshape(z.shape[0], -1), l], dim=1)
 
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z[:, :-1].reshape(z.shape[0], *self.shape), z[:, -1:]

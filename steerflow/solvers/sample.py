@@ -39,6 +39,20 @@ class CountedField:
             raise ValueError(f"the velocity field returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         return out
 
+    def call_with(self, x: Tensor, t: Tensor, cond: Any = None, *, nfe: int = 1) -> Tensor:
+        """Call the wrapped model with a condition of the caller's choosing (classifier-free guidance
+        evaluates conditional and null branches), counting ``nfe`` evaluations."""
+        if self.cond is not None:
+            raise ValueError("this field has a fixed cond= from sample(); a guidance that chooses its own "
+                             "conditions must be used without cond= in sample(...)")
+        self.cost.nfe += nfe
+        return self.v(x, t) if cond is None else self.v(x, t, cond)
+
+    @property
+    def model(self) -> Callable[..., Tensor]:
+        """The wrapped field or network."""
+        return self.v
+
 
 def _check_x(x_0: Tensor) -> None:
     if not torch.is_tensor(x_0):

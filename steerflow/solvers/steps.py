@@ -1,9 +1,12 @@
 """Step rules: how one step ``x(t) → x(t + dt)`` of ``dx/dt = f(x, t)`` is taken.
 
-Each step works on a geometry (flat space by default, a manifold or a constrained domain otherwise):
-every stage state is formed with ``geometry.retract(x, dx)`` and every velocity is projected with
-``geometry.proju(x, v)``, so the same rule is a projected/exp-map Runge–Kutta on a manifold and a
-reflected scheme in a box (Chen & Lipman 2024, §3.3; Xie et al. 2024, "Reflected Flow Matching").
+Each step works on a geometry (flat space by default, a manifold or a constrained domain otherwise).
+On an embedded manifold (``geometry.projection_stages``) the stages are formed in the ambient space,
+each slope made tangent where it is evaluated, and the step's result projected with ``projx``: the
+standard projection method, which keeps the rule's order (Hairer, Lubich & Wanner, GNI §IV.4; the
+projected steps of Chen & Lipman 2024, §3.3). On other geometries every stage state is formed with
+``geometry.retract(x, dx)`` and every slope projected at the base point: in a box ``retract`` reflects,
+so every stage of every rule stays in the domain (Xie et al. 2024, "Reflected Flow Matching").
 """
 from __future__ import annotations
 
@@ -20,11 +23,18 @@ StepField = Callable[[Tensor, Tensor], Tensor]
 class Geometry(Protocol):
     def retract(self, x: Tensor, dx: Tensor) -> Tensor: ...
 
+    def projx(self, x: Tensor) -> Tensor: ...
+
     def proju(self, x: Tensor, v: Tensor) -> Tensor: ...
 
 
 class Flat:
     """Euclidean space: ``retract(x, dx) = x + dx``, velocities unchanged."""
+
+    projection_stages = False
+
+    def projx(self, x: Tensor) -> Tensor:
+        return x
 
     def retract(self, x: Tensor, dx: Tensor) -> Tensor:
         return x + dx
@@ -51,51 +61,68 @@ class AbstractSolver(ABC):
              generator: torch.Generator | None = None) -> Tensor: ...
 
 
-class Euler(AbstractSolver):
+def _projects(geometry: Geometry) -> bool:
+    """Embedded manifolds set ``projection_stages``: stages are taken in the ambient space and only the
+    step's result is projected (Hairer, Lubich & Wanner, GNI §IV.4, standard projection method), which
+    keeps the full order of the Runge–Kutta rule on curved manifolds. Other geometries (flat space,
+    reflected domains) form every stage with ``retract``."""
+    return bool(getattr(geometry, "projection_stages", False))
+
+
+def _stage(geometry: Geometry, x: Tensor, dx: Tensor) -> Tensor:
+    return x + dx if _projects(geometry) else geometry.retract(x, dx)
+
+
+def _slope(geometry: Geometry, x: Tensor, x_i: Tensor, k: Tensor) -> Tensor:
+    # the field is made tangent where it is evaluated (projection) or at the step's base point
+    return geometry.proju(x_i, k) if _projects(geometry) else geometry.proju(x, k)
+
+
+def _finish(geometry: Geometry, x: Tensor, dx: Tensor) -> Tensor:
+    return geometry.projx(x + dx) if _projects(geometry) else geometry.retract(x, dx)
+
+
+class ExplicitRK(AbstractSolver):
+    """An explicit Runge–Kutta rule given by its Butcher tableau ``(a, b, c)``."""
+
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+
+    def step(self, f, x, t, dt, geometry=FLAT, generator=None):
+        ks: list[Tensor] = []
+        for i, (a_i, c_i) in enumerate(zip(self.a, self.c)):
+            x_i = x if i == 0 else _stage(geometry, x, dt * sum(a * k for a, k in zip(a_i, ks) if a != 0))
+            ks.append(_slope(geometry, x, x_i, f(x_i, t + c_i * dt)))
+        return _finish(geometry, x, dt * sum(b * k for b, k in zip(self.b, ks) if b != 0))
+
+
+class Euler(ExplicitRK):
     """``x + dt f(x, t)``."""
 
     order, stages, name = 1, 1, "euler"
-
-    def step(self, f, x, t, dt, geometry=FLAT, generator=None):
-        return geometry.retract(x, dt * geometry.proju(x, f(x, t)))
+    a, b, c = ((),), (1.0,), (0.0,)
 
 
-class Midpoint(AbstractSolver):
+class Midpoint(ExplicitRK):
     """Explicit midpoint: ``k = f(x + dt/2 f(x, t), t + dt/2)``, ``x + dt k``."""
 
     order, stages, name = 2, 2, "midpoint"
-
-    def step(self, f, x, t, dt, geometry=FLAT, generator=None):
-        k1 = geometry.proju(x, f(x, t))
-        x_mid = geometry.retract(x, 0.5 * dt * k1)
-        k2 = geometry.proju(x, f(x_mid, t + 0.5 * dt))
-        return geometry.retract(x, dt * k2)
+    a, b, c = ((), (0.5,)), (0.0, 1.0), (0.0, 0.5)
 
 
-class Heun(AbstractSolver):
+class Heun(ExplicitRK):
     """Heun's method (explicit trapezoid): average of the slopes at both ends."""
 
     order, stages, name = 2, 2, "heun"
-
-    def step(self, f, x, t, dt, geometry=FLAT, generator=None):
-        k1 = geometry.proju(x, f(x, t))
-        x_pred = geometry.retract(x, dt * k1)
-        k2 = geometry.proju(x, f(x_pred, t + dt))
-        return geometry.retract(x, 0.5 * dt * (k1 + k2))
+    a, b, c = ((), (1.0,)), (0.5, 0.5), (0.0, 1.0)
 
 
-class RK4(AbstractSolver):
+class RK4(ExplicitRK):
     """Classical fourth-order Runge–Kutta."""
 
     order, stages, name = 4, 4, "rk4"
-
-    def step(self, f, x, t, dt, geometry=FLAT, generator=None):
-        p = geometry.proju
-        k1 = p(x, f(x, t))
-        k2 = p(x, f(geometry.retract(x, 0.5 * dt * k1), t + 0.5 * dt))
-        k3 = p(x, f(geometry.retract(x, 0.5 * dt * k2), t + 0.5 * dt))
-        k4 = p(x, f(geometry.retract(x, dt * k3), t + dt))
-        return geometry.retract(x, dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4))
+    a, b, c = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0)
 
 
 # Dormand–Prince 5(4) tableau (Dormand & Prince 1980), first-same-as-last.
@@ -137,7 +164,7 @@ class Dopri5:
             return x
         direction = 1.0 if span > 0 else -1.0
         t = float(t0)
-        k1 = geometry.proju(x, f(x, t0))
+        k1 = _slope(geometry, x, x, f(x, t0))
         h = self.first_step or self._initial_step(x, k1, abs(span))
         h = min(h, abs(span))
         err_prev = 1.0
@@ -151,8 +178,9 @@ class Dopri5:
             for i in range(1, 7):
                 dx = sum(a * k for a, k in zip(_DP_A[i], ks))
                 ti = torch.as_tensor(t + _DP_C[i] * dt, dtype=t0.dtype)
-                ks.append(geometry.proju(x, f(geometry.retract(x, dt * dx), ti)))
-            x5 = geometry.retract(x, dt * sum(b * k for b, k in zip(_DP_B5, ks)))
+                x_i = _stage(geometry, x, dt * dx)
+                ks.append(_slope(geometry, x, x_i, f(x_i, ti)))
+            x5 = _finish(geometry, x, dt * sum(b * k for b, k in zip(_DP_B5, ks)))
             err_vec = dt * sum((b5 - b4) * k for b5, b4, k in zip(_DP_B5, _DP_B4, ks))
             scale = self.atol + self.rtol * torch.maximum(x.abs(), x5.abs())
             err = float(torch.sqrt(torch.mean((err_vec.detach() / scale.detach()) ** 2)))
@@ -163,7 +191,9 @@ class Dopri5:
                 x = x5
                 if on_step is not None:
                     x = on_step(x, torch.as_tensor(t_new, dtype=t0.dtype), torch.as_tensor(dt, dtype=t0.dtype))
-                    k1 = geometry.proju(x, f(x, torch.as_tensor(t_new, dtype=t0.dtype)))
+                    k1 = _slope(geometry, x, x, f(x, torch.as_tensor(t_new, dtype=t0.dtype)))
+                elif _projects(geometry):  # the accepted state was projected: re-evaluate there
+                    k1 = _slope(geometry, x, x, f(x, torch.as_tensor(t_new, dtype=t0.dtype)))
                 else:
                     k1 = ks[-1]  # first same as last: stage 7 is f at the accepted state
                 t = t_new

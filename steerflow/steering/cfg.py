@@ -25,7 +25,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._types import expand_t
 from ..paths import AffinePath, LinearPath
 from ..solvers import CountedField
 from .base import AbstractGuidance, Field
@@ -33,17 +32,15 @@ from .base import AbstractGuidance, Field
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "CLASSIFIER_INPUTS"]
 
 
-def _unwrap(v: Field) -> tuple[Callable[..., Tensor], Any]:
-    """The raw model ``model(x, t, cond)`` behind the sampler's counted field, and its :class:`Cost`.
-
-    ``sample`` hands guidances a :class:`~steerflow.solvers.CountedField` that has ``cond`` baked in; CFG
-    needs to call the model with its own conditions, so it calls the wrapped model and counts itself.
-    """
+def _call(v: Field, x: Tensor, t: Tensor, cond: Any, nfe: int) -> Tensor:
+    """Call the model behind the sampler's counted field with our own condition (counted there)."""
     if isinstance(v, CountedField):
-        if v.cond is not None:
-            raise ValueError("ClassifierFreeGuidance carries its own conditions; call sample(...) without cond=")
-        return v.v, v.cost
-    return v, None
+        return v.call_with(x, t, cond, nfe=nfe)
+    return v(x, t) if cond is None else v(x, t, cond)
+
+
+def _model(v: Field) -> Any:
+    return v.model if isinstance(v, CountedField) else v
 
 
 def _null_like(model: Any, cond: Tensor) -> Tensor | None:
@@ -84,18 +81,15 @@ class ClassifierFreeGuidance(AbstractGuidance):
         return f"ClassifierFreeGuidance(scale={self.scale})"
 
     def velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *, generator=None, cost=None) -> Tensor:
-        model, counter = _unwrap(v)
         cond = self.cond
         if torch.is_tensor(cond) and cond.shape[0] != x.shape[0]:
             raise ValueError(f"cond has batch {cond.shape[0]} but the state has batch {x.shape[0]}")
-        null = self.null_cond if self.null_cond is not None else _null_like(model, cond)
-        if null is not None:
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        null = self.null_cond if self.null_cond is not None else _null_like(_model(v), cond)
+        if null is not None:  # one batched call on [x, x] counts as two evaluations
+            out = _call(v, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), nfe=2)
             v_cond, v_null = out.chunk(2)
         else:
-            v_cond, v_null = model(x, t, cond), model(x, t)
-        if counter is not None:
-            counter.nfe += 2
+            v_cond, v_null = _call(v, x, t, cond, nfe=1), _call(v, x, t, None, nfe=1)
         if v_cond.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(v_cond.shape)} for input {tuple(x.shape)}")
         return v_null + self.scale * (v_cond - v_null)
@@ -116,14 +110,15 @@ class ClassifierGuidance(AbstractGuidance):
         scale: ``s`` (``s = 1`` with the exact posterior: the class-conditional flow).
         on: ``"x_t"`` or ``"x1_hat"``.
         path: the path the velocity belongs to (default linear).
-        t_min: ``b_t`` diverges at ``t = 0`` (where ``∇ log p(c | x_0) = 0`` exactly); the guidance term is
-            evaluated with ``t`` clipped to ``t_min``, and is zero at ``t = 0`` itself for ``on="x_t"``.
+        t_min: ``b_t`` diverges at ``t = 0`` while ``∇ log p(c | x_t) = O(t)`` (the exact product has a
+            finite limit); the guidance term (classifier time and ``b_t``) is evaluated at
+            ``max(t, t_min)``, an ``O(t_min)`` error on the first step only.
 
     Cost: one VJP per stage (``cost.vjp``); with ``on="x1_hat"`` it runs through the network.
     """
 
     def __init__(self, classifier: Callable[..., Tensor], target: Tensor | int, scale: float = 1.0, *,
-                 on: str = "x_t", path: AffinePath | None = None, t_min: float = 1e-3) -> None:
+                 on: str = "x_t", path: AffinePath | None = None, t_min: float = 1e-2) -> None:
         if not callable(classifier):
             raise TypeError(f"classifier must be callable, got {type(classifier).__name__}")
         if on not in CLASSIFIER_INPUTS:
@@ -134,7 +129,8 @@ class ClassifierGuidance(AbstractGuidance):
             raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
         if torch.is_tensor(target):
             if target.is_floating_point() or target.ndim != 1:
-                raise TypeError(f"target must be integer labels of shape (b,), got {target.dtype} {tuple(target.shape)}")
+                raise TypeError(f"target must be integer labels of shape (b,), got {target.dtype} "
+                                f"{tuple(target.shape)}")
         elif isinstance(target, bool) or not isinstance(target, int):
             raise TypeError(f"target must be an int or an integer tensor (b,), got {type(target).__name__}")
         self.classifier, self.target, self.scale, self.on = classifier, target, float(scale), on
@@ -155,7 +151,8 @@ class ClassifierGuidance(AbstractGuidance):
         """``b_t`` (b, 1, ..): the change of velocity per unit of score at ``t`` clipped to ``t_min``."""
         tc = t.clamp_min(self.t_min)
         c = self.path.coefficients(tc, x)
-        # v = d_alpha (x - sigma x0)/alpha + d_sigma x0 with x0 = -sigma score  ⇒  ∂v/∂score = sigma (d_alpha sigma/alpha - d_sigma)
+        # v = d_alpha (x - sigma x0)/alpha + d_sigma x0 with x0 = -sigma score
+        #   ⇒ ∂v/∂score = sigma (d_alpha sigma / alpha - d_sigma)
         return c.sigma_t * (c.d_alpha_t * c.sigma_t / c.alpha_t - c.d_sigma_t)
 
     def velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *, generator=None, cost=None) -> Tensor:
@@ -165,7 +162,7 @@ class ClassifierGuidance(AbstractGuidance):
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             if self.on == "x_t":
-                logits = self.classifier(x_in, t)
+                logits = self.classifier(x_in, t.clamp_min(self.t_min))
             else:
                 v_t = v(x_in, t)
                 logits = self.classifier(self.path.x1_from_velocity(v_t, x_in, t))
@@ -176,6 +173,4 @@ class ClassifierGuidance(AbstractGuidance):
         if cost is not None:
             cost.vjp += 1
         term = self.scale * self._score_factor(t, x) * grad
-        if self.on == "x_t":
-            return v_t + torch.where(expand_t(t, x) > 0, term, torch.zeros_like(term))
-        return v_t.detach() + term
+        return (v_t if self.on == "x_t" else v_t.detach()) + term

@@ -112,12 +112,13 @@ def as_source(source: Any, shape: tuple[int, ...] | None = None) -> Source:
                     f"got {type(source).__name__}")
 
 
-def _model_device_dtype(v: Any) -> tuple[torch.device, torch.dtype]:
+def _model_device_dtype(v: Any) -> tuple[torch.device, torch.dtype | None]:
+    """A module's parameter device and dtype; CPU and "keep the input dtype" for other fields."""
     if isinstance(v, nn.Module):
         p = next(v.parameters(), None)
         if p is not None:
             return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+    return torch.device("cpu"), None
 
 
 @torch.no_grad()
@@ -149,7 +150,8 @@ def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps
         x_0 = as_source(source, shape)(n_pairs, generator)
     elif x_0.shape[0] != n_pairs:
         raise ValueError(f"x_0 holds {x_0.shape[0]} points but n_pairs={n_pairs}")
-    x_0 = x_0.to(dtype=dtype)
+    if dtype is not None:
+        x_0 = x_0.to(dtype=dtype)
     was_training = isinstance(v, nn.Module) and v.training
     if isinstance(v, nn.Module):
         v.eval()
@@ -161,7 +163,7 @@ def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps
     finally:
         if was_training:
             v.train()
-    return Pairs(x_0=x_0.cpu(), x_1=torch.cat(out).to(dtype))
+    return Pairs(x_0=x_0.cpu(), x_1=torch.cat(out).to(x_0.dtype))
 
 
 def flow_matching_loss(path: AffinePath) -> Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]:

@@ -19,7 +19,7 @@ class EMA:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = float(decay)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._src = [p for p in model.parameters()]
+        self._src = [p.detach() for p in model.parameters()]  # views: follow in-place updates
         self._dst = [p for p in self.module.parameters()]
         self._src_buf = [b for b in model.buffers()]
         self._dst_buf = [b for b in self.module.buffers()]
@@ -29,7 +29,7 @@ class EMA:
     def update(self) -> None:
         """One EMA step toward the live weights of the model given at construction."""
         if self._dst:
-            torch._foreach_lerp_(self._dst, [p.detach() for p in self._src], 1.0 - self.decay)
+            torch._foreach_lerp_(self._dst, self._src, 1.0 - self.decay)
         for d, s in zip(self._dst_buf, self._src_buf):
             d.copy_(s)
         self.num_updates += 1

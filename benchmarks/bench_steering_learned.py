@@ -1,0 +1,368 @@
+"""Steering on a learned flow: sklearn's 8×8 digits, held-out images, every guidance method.
+
+A class-conditional MLP flow (64-D vectors, label dropout for the null class) is trained once and cached
+(``--cache``, default a temp folder; not committed). Tasks on held-out images, each at measurement noise
+σ ∈ {0.01, 0.05} (pixels in [-1, 1]): box inpainting (centre 4×4 hidden), random inpainting (40 % of pixels
+observed), 2× super-resolution (2×2 average pooling), Gaussian deblur (5×5, std 1), denoising. Methods:
+unguided, FlowChef, DPS, DDS, EnKG, OT-ODE, PnP-Flow and steerflow's default, all through the one
+``steerflow.sample`` loop with 100 Euler steps on the unconditional (null-class) field, with the methods'
+default hyper-parameters (no per-task tuning). Class guidance: CFG and classifier guidance (a noise-aware
+classifier trained here) scored by a separately trained SVM on clean images.
+
+Metrics: PSNR and SSIM against the clean image, outputs clipped to [-1, 1], data range R = 2; SSIM with a
+5×5 Gaussian window (σ = 1.5, valid positions: a 4×4 map on 8×8 images). Time per image: wall time of the
+batched solve / number of images, one thread, fastest of ``--repeats`` identical seeded solves (the machine
+is shared, so single timings are noisy). Peak memory: torch.profiler (CPU, ``profile_memory=True``):
+the peak of live tensor bytes allocated during the solve, replayed from per-op self allocations in time
+order (op granularity; Python objects excluded), in a second, separate 5-step solve of the same batch (the
+live set of one step does not grow with the number of steps).
+
+Reproduce:  python benchmarks/bench_steering_learned.py            (about 30-40 min on one busy CPU core)
+            python benchmarks/bench_steering_learned.py --quick    (smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import steerflow
+from steerflow.cli.steer import build_task, build_method, INVERSE_METHODS
+from steerflow.data.loaders import load_digits
+from steerflow.metrics.image import psnr, ssim
+from steerflow.metrics.cost import Cost
+from steerflow.models import MLPVelocity
+from steerflow.steering.cfg import ClassifierFreeGuidance, ClassifierGuidance
+from steerflow.training import load_checkpoint, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPE = (1, 8, 8)
+DATA_RANGE = 2.0
+SSIM_WINDOW = 5
+TASKS = ("box", "random", "superres", "deblur", "denoise")
+TASK_NAMES = {"box": "inpaint (box)", "random": "inpaint (random 40%)", "superres": "2x super-res",
+              "deblur": "Gaussian deblur", "denoise": "denoise"}
+NOISES = (0.01, 0.05)
+ENKG_ENSEMBLE = 8
+TUNE_GRID = {"flowchef": (2.0, 1.0, 0.5, 0.2, 0.1, 0.03), "dps": (2.0, 1.0, 0.5, 0.2, 0.05),
+             "enkg": (1.0, 0.5, 0.2, 0.05, 0.01), "otode": (8.0, 4.0, 2.0, 1.0, 0.5),
+             "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5)}
+"""Values of each method's main strength tried on the validation images (the method's default included;
+FlowChef/PnP-Flow: step size, the others: scale). DDS and unguided have no strength knob."""
+N_VAL = 8
+PROFILE_STEPS = 5
+
+
+# --- models ---------------------------------------------------------------------------------------------
+def split_digits(seed: int = 0):
+    data = load_digits()
+    train_set, test_set = data.split((0.85, 0.15), generator=torch.Generator().manual_seed(seed))
+    return train_set, test_set
+
+
+def get_flow(cache: Path, train_set, steps: int) -> torch.nn.Module:
+    out = cache / "flow"
+    if not (out / "latest.json").exists():
+        model = MLPVelocity(dim=64, hidden=512, depth=4, time_embed_dim=64, n_classes=10, label_dropout=0.15)
+        t0 = time.time()
+        train(model, (train_set.x, train_set.labels), steps=steps, batch_size=256, lr=1e-3, warmup=min(200, steps // 10),
+              schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
+              progress=False)
+        print(f"trained the flow in {time.time() - t0:.0f} s -> {out}", flush=True)
+    ck = load_checkpoint(out)
+    return (ck.ema_model or ck.model).eval()
+
+
+class NoisyClassifier(torch.nn.Module):
+    """``p(c | x_t)``: an MLP on ``[x_t, φ(t)]`` trained on the linear path (for classifier guidance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from steerflow.models.base import SinusoidalTimeEmbedding
+
+        self.emb = SinusoidalTimeEmbedding(32)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64 + 32, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256),
+                                       torch.nn.SiLU(), torch.nn.Linear(256, 10))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x.reshape(x.shape[0], -1), self.emb(t)], -1))
+
+
+def get_noisy_classifier(cache: Path, train_set, steps: int = 3000) -> NoisyClassifier:
+    from safetensors.torch import load_file, save_file
+
+    path = cache / "classifier_xt.safetensors"
+    clf = NoisyClassifier()
+    if path.exists():
+        clf.load_state_dict(load_file(path))
+        return clf.eval()
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
+    x, y = train_set.x, train_set.labels
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (256,), generator=g)
+        t = torch.rand(256, generator=g)
+        x0 = torch.randn(256, *SHAPE, generator=g)
+        xt = t[:, None, None, None] * x[idx] + (1 - t[:, None, None, None]) * x0
+        loss = torch.nn.functional.cross_entropy(clf(xt, t), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file(clf.state_dict(), str(path))
+    return clf.eval()
+
+
+def get_judge(train_set):
+    """The separately trained scorer: an RBF SVM on clean training images (sklearn)."""
+    try:
+        from sklearn.svm import SVC
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the benchmark needs scikit-learn: pip install 'steerflow[bench]'") from e
+    svm = SVC(C=10.0, gamma="scale")
+    svm.fit(train_set.x.reshape(train_set.x.shape[0], -1).numpy(), train_set.labels.numpy())
+    return svm
+
+
+# --- measurement ----------------------------------------------------------------------------------------
+def profile_peak_bytes(fn) -> int:
+    """Peak of live tensor bytes during ``fn()`` from torch.profiler's per-op self allocations (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage != 0)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
+
+
+def run_inverse(v, x_true, task, noise, method, steps, seed, measure_memory=True, scale=None, repeats=1):
+    gen = torch.Generator().manual_seed(seed)
+    op = build_task(task, SHAPE, generator=torch.Generator().manual_seed(123))
+    y = op(x_true) + noise * torch.randn(op(x_true).shape, generator=gen)
+    n = x_true.shape[0]
+    reps = ENKG_ENSEMBLE if method == "enkg" else 1
+    y_run = y.repeat_interleave(reps, 0)
+
+    def solve(steps=steps):
+        guidance = build_method(method, op, y_run, noise, scale=scale, ensemble_size=ENKG_ENSEMBLE)
+        x0 = torch.randn(n * reps, *SHAPE, generator=torch.Generator().manual_seed(seed + 1))
+        cost = Cost()
+        out = steerflow.sample(v, x0, steps=steps, method="euler", guidance=guidance,
+                               generator=torch.Generator().manual_seed(seed + 2), cost=cost)
+        return out, cost
+
+    # the network's parameters are frozen: autograd records a graph only where a method asks for one
+    seconds = float("inf")
+    for _ in range(repeats):  # the solve is seeded: every repeat computes the same result; keep the fastest
+        t0 = time.perf_counter()
+        out, cost = solve()
+        seconds = min(seconds, time.perf_counter() - t0)
+    # the live set of a step does not grow with the number of steps: profile a short solve of the same batch
+    peak = profile_peak_bytes(lambda: solve(PROFILE_STEPS)) if measure_memory else None
+    out = out.detach().clamp(-1, 1)
+    x_rep = x_true.repeat_interleave(reps, 0)
+    return {
+        "psnr": psnr(out, x_rep, DATA_RANGE),
+        "ssim": ssim(out, x_rep, DATA_RANGE, window_size=SSIM_WINDOW),
+        "seconds_per_image": seconds / n,
+        "peak_memory_mb": None if peak is None else peak / 2**20,
+        "nfe": cost.nfe, "vjp": cost.vjp,
+        "particles_per_image": reps, "strength": scale,
+    }
+
+
+def tune(v, x_val, methods, noises, steps):
+    """Per task, each method's strength maximising the mean PSNR over the validation images and noise levels."""
+    chosen, table = {}, {}
+    for task in TASKS:
+        chosen[task], table[task] = {}, {}
+        for m in methods:
+            if m not in TUNE_GRID:
+                continue
+            scores = {}
+            for value in TUNE_GRID[m]:
+                try:
+                    scores[value] = float(np.mean([run_inverse(v, x_val, task, noise, m, steps, seed=7,
+                                                               measure_memory=False, scale=value)["psnr"]
+                                                   for noise in noises]))
+                except FloatingPointError:  # the solve diverged at this strength
+                    scores[value] = float("-inf")
+            best = max(scores, key=scores.get)
+            chosen[task][m], table[task][m] = best, {str(k): round(val, 3) for k, val in scores.items()}
+            print(f"  tune {task:9s} {m:9s} " + " ".join(f"{k}:{val:.2f}" for k, val in scores.items())
+                  + f" -> {best}", flush=True)
+    return chosen, table
+
+
+def run_class(model, noisy_clf, judge, n_per_class, steps, seed):
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    n = labels.numel()
+    x0 = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    settings = {
+        "unguided (null class)": dict(guidance=None),
+        "conditional (CFG w=1)": dict(guidance=ClassifierFreeGuidance(1.0, labels)),
+        "CFG w=2": dict(guidance=ClassifierFreeGuidance(2.0, labels)),
+        "CFG w=4": dict(guidance=ClassifierFreeGuidance(4.0, labels)),
+        "classifier guidance x_t s=1": dict(guidance=ClassifierGuidance(noisy_clf, labels, 1.0)),
+        "classifier guidance x_t s=3": dict(guidance=ClassifierGuidance(noisy_clf, labels, 3.0)),
+    }
+    rows = {}
+    for name, kw in settings.items():
+        t0 = time.perf_counter()
+        cost = Cost()
+        out = steerflow.sample(model, x0, steps=steps, method="euler", cost=cost, **kw).detach().clamp(-1, 1)
+        seconds = time.perf_counter() - t0
+        pred = judge.predict(out.reshape(n, -1).numpy())
+        rows[name] = {"accuracy": float((pred == labels.numpy()).mean()), "seconds_per_image": seconds / n,
+                      "nfe": cost.nfe, "vjp": cost.vjp}
+        print(f"  class  {name:32s} acc={rows[name]['accuracy']:.3f}  {seconds / n * 1e3:.1f} ms/img", flush=True)
+    return rows
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def write_markdown(res: dict, path: Path, cmd: str) -> None:
+    L = ["# Steering a learned flow: 8×8 digits", "",
+         f"Reproduce: `{cmd}`", "",
+         res["setup"], "",
+         "PSNR (dB) / SSIM vs the clean held-out image (clipped to [-1, 1], data range 2, SSIM 5×5 Gaussian window, "
+         "σ_w = 1.5, valid). Time: ms per image (one thread, batched solve, fastest of "
+         f"{res['config'].get('repeats', 1)} identical seeded runs). Memory: peak live tensor MB during the "
+         "solve from torch.profiler (CPU, op granularity). EnKG runs an ensemble of "
+         f"{ENKG_ENSEMBLE} particles per image (time and memory include them; PSNR is the mean over particles).", ""]
+    methods = res["methods"]
+    for noise in sorted({float(k.split("@")[1]) for k in res["inverse"]}):
+        L += [f"## Measurement noise σ = {noise}", "",
+              "| method | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " | ms/img (mean) | peak MB (mean) |",
+              "|---|" + "---|" * (len(TASKS) + 2)]
+        for m in methods:
+            cells, times, mems = [], [], []
+            for task in TASKS:
+                r = res["inverse"][f"{task}@{noise}"].get(m)
+                if r is None:
+                    cells.append("—")
+                    continue
+                cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}")
+                times.append(r["seconds_per_image"] * 1e3)
+                if r["peak_memory_mb"] is not None:
+                    mems.append(r["peak_memory_mb"])
+            L.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(times):.1f} | "
+                     + (f"{np.mean(mems):.2f}" if mems else "—") + " |")
+        L.append("")
+    if res.get("strength"):
+        L += ["## Chosen strengths (per task, by validation PSNR)", "",
+              "| method | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for m in methods:
+            if any(m in res["strength"][t] for t in TASKS):
+                L.append(f"| {m} | " + " | ".join(str(res["strength"][t].get(m, "—")) for t in TASKS) + " |")
+        L.append("")
+    L += ["## FlowChef vs DPS (the issue's target: PSNR within 0.5 dB, ≥ 1.5× faster, less peak memory)", "",
+          "| task | σ | ΔPSNR FlowChef − DPS (dB) | speed-up DPS/FlowChef | peak MB FlowChef / DPS | target met |",
+          "|---|---|---|---|---|---|"]
+    for row in res["flowchef_vs_dps"]:
+        L.append(f"| {TASK_NAMES[row['task']]} | {row['noise']} | {row['delta_psnr']:+.2f} | {row['speedup']:.2f}× | "
+                 f"{row['mem_flowchef']:.2f} / {row['mem_dps']:.2f} | {'yes' if row['met'] else 'no'} |")
+    s = res["flowchef_vs_dps_summary"]
+    L += ["", f"Target met on {s['met']} of {s['total']} task/noise settings "
+              f"(PSNR within 0.5 dB: {s['psnr_ok']}, ≥ 1.5× faster: {s['speed_ok']}, less memory: {s['mem_ok']}).", ""]
+    if res.get("class"):
+        L += ["## Class guidance (accuracy of a separately trained RBF-SVM on the generated digits)", "",
+              "| setting | accuracy | ms/img | NFE | VJP |", "|---|---|---|---|---|"]
+        for name, r in res["class"].items():
+            L.append(f"| {name} | {r['accuracy']:.3f} | {r['seconds_per_image'] * 1e3:.1f} | {r['nfe']} | {r['vjp']} |")
+        L += ["", f"SVM accuracy on clean held-out digits: {res['judge_test_accuracy']:.3f}.", ""]
+    path.write_text("\n".join(L))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "steerflow_bench_digits"))
+    ap.add_argument("--train-steps", type=int, default=4000)
+    ap.add_argument("--n-images", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--methods", default=",".join(INVERSE_METHODS))
+    ap.add_argument("--n-per-class", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="timed solves per method and task (the fastest is kept)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-tune", action="store_true", help="use every method's default strength")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="8 images, 20 steps, one noise level (smoke run)")
+    ap.add_argument("--out", default=str(RESULTS / "steering_learned"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = split_digits()
+    model = get_flow(cache, train_set, args.train_steps)
+    noisy_clf = get_noisy_classifier(cache, train_set)
+    if args.train_only:
+        return 0
+    if args.quick:
+        args.n_images, args.steps, args.n_per_class = 8, 20, 3
+    judge = get_judge(train_set)
+    judge_acc = float((judge.predict(test_set.x.reshape(test_set.x.shape[0], -1).numpy())
+                       == test_set.labels.numpy()).mean())
+    x_true = test_set.x[: args.n_images]
+    methods = [m for m in args.methods.split(",") if m]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    res = {"setup": (f"Flow: MLPVelocity(dim=64, hidden=512, depth=4, n_classes=10, label dropout 0.15), "
+                     f"{args.train_steps} AdamW steps, batch 256, EMA 0.999, on {train_set.x.shape[0]} training digits; "
+                     f"{x_true.shape[0]} held-out test digits; {args.steps} Euler steps; guidance on the null-class "
+                     f"(unconditional) field. Each method's main strength is chosen per task from a small grid "
+                     f"(TUNE_GRID) by mean PSNR on {N_VAL} other held-out digits at both noise levels (--no-tune: "
+                     f"defaults). torch {torch.__version__}, 1 thread."),
+           "methods": methods, "inverse": {}, "judge_test_accuracy": judge_acc,
+           "config": vars(args)}
+    noises = NOISES[1:] if args.quick else NOISES
+    if args.no_tune:
+        chosen = {task: {} for task in TASKS}
+    else:
+        x_val = test_set.x[args.n_images: args.n_images + N_VAL]
+        chosen, res["tuning"] = tune(model, x_val, methods, noises, args.steps)
+    res["strength"] = chosen
+    for noise in noises:
+        for task in TASKS:
+            key = f"{task}@{noise}"
+            res["inverse"][key] = {}
+            for m in methods:
+                r = run_inverse(model, x_true, task, noise, m, args.steps, seed=0, measure_memory=not args.no_memory,
+                                scale=chosen[task].get(m), repeats=args.repeats)
+                res["inverse"][key][m] = r
+                print(f"  {key:16s} {m:10s} PSNR={r['psnr']:6.2f} SSIM={r['ssim']:.3f} "
+                      f"{r['seconds_per_image'] * 1e3:7.2f} ms/img  peak={r['peak_memory_mb']} MB", flush=True)
+    comp = []
+    if "flowchef" in methods and "dps" in methods:
+        for key, rows in res["inverse"].items():
+            f, d = rows["flowchef"], rows["dps"]
+            task, noise = key.split("@")
+            dp, sp = f["psnr"] - d["psnr"], d["seconds_per_image"] / f["seconds_per_image"]
+            mf, md = f["peak_memory_mb"] or float("nan"), d["peak_memory_mb"] or float("nan")
+            comp.append({"task": task, "noise": float(noise), "delta_psnr": dp, "speedup": sp, "mem_flowchef": mf,
+                         "mem_dps": md, "psnr_ok": dp >= -0.5, "speed_ok": sp >= 1.5, "mem_ok": mf < md,
+                         "met": dp >= -0.5 and sp >= 1.5 and mf < md})
+    res["flowchef_vs_dps"] = comp
+    res["flowchef_vs_dps_summary"] = {k: sum(c[k] for c in comp) for k in ("met", "psnr_ok", "speed_ok", "mem_ok")}
+    res["flowchef_vs_dps_summary"]["total"] = len(comp)
+    res["class"] = run_class(model, noisy_clf, judge, args.n_per_class, args.steps, seed=0)
+    cmd = "python benchmarks/bench_steering_learned.py" + (" --quick" if args.quick else "")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out.with_suffix(".md"), cmd)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}\nreproduce: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

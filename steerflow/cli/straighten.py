@@ -1,0 +1,113 @@
+"""``steerflow reflow`` and ``steerflow distill``: straighten a trained flow (Liu et al. 2022)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import _common as C
+from .main import CLIError, Command, register
+
+PAIR_METHODS = ("euler", "midpoint", "heun", "rk4", "dopri5")
+PAIRS_FILE = "pairs.safetensors"
+
+
+def _common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory of the teacher flow")
+    p.add_argument("--out", default=default_out, help="output checkpoint directory")
+    p.add_argument("--n-pairs", type=C.positive_int, default=20000, help="number of (x_0, x_1) pairs")
+    p.add_argument("--pair-method", choices=PAIR_METHODS, default="dopri5",
+                   help="ODE solver used to generate the pairs (dopri5 is adaptive)")
+    p.add_argument("--pair-steps", type=C.positive_int, default=None,
+                   help="steps of the pair solver (fixed-step methods; default 100)")
+    p.add_argument("--steps", type=C.positive_int, default=5000, help="training steps")
+    p.add_argument("--batch", type=C.positive_int, default=256, help="batch size")
+    p.add_argument("--lr", type=C.positive_float, default=1e-3, help="Adam learning rate (cosine-annealed)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the teacher's EMA weights when present")
+    C.add_seed(p)
+    C.add_device(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def configure_reflow(p: argparse.ArgumentParser) -> None:
+    _common_args(p, default_out="steerflow_reflow")
+    p.add_argument("--iterations", type=C.positive_int, default=1,
+                   help="rounds k of rectification (1 turns a k-RF into a (k+1)-RF)")
+
+
+def configure_distill(p: argparse.ArgumentParser) -> None:
+    _common_args(p, default_out="steerflow_distill")
+    p.add_argument("--pairs", default=None,
+                   help=f"a pairs file to regress on (e.g. a reflow run's {PAIRS_FILE}); default: new pairs "
+                        "(x_0, ODE(x_0)) from the teacher, as Liu et al. distil a k-RF on its own coupling")
+
+
+def _pair_steps(args) -> int | None:
+    if args.pair_method == "dopri5":
+        return None
+    return args.pair_steps or 100
+
+
+def run_reflow(args: argparse.Namespace) -> int:
+    from ..straighten import reflow
+
+    device = C.device_of(args.device)
+    teacher = C.load_flow(args.ckpt, ema=args.ema, device=device)
+    source = C.source_sampler(teacher.info.source, tuple(teacher.model.event_shape))
+    res = reflow(teacher.model, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args), method=args.pair_method,
+                 train_steps=args.steps, batch_size=args.batch, lr=args.lr, iterations=args.iterations,
+                 path=teacher.info.path, seed=args.seed, progress=not args.quiet)
+    k = teacher.info.k + args.iterations
+    out = Path(args.out)
+    info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="reflow", coupling=teacher.info.coupling,
+                     path=teacher.info.path, k=k, parent=str(teacher.directory))
+    C.save_flow(res.model, out, info, step=args.steps * args.iterations,
+                config={"command": "reflow", "teacher": str(teacher.directory), "n_pairs": args.n_pairs,
+                        "pair_method": args.pair_method, "pair_steps": _pair_steps(args), "steps": args.steps,
+                        "batch_size": args.batch, "lr": args.lr, "iterations": args.iterations, "seed": args.seed})
+    res.pairs.save(out / PAIRS_FILE)
+    print(f"{k}-rectified flow trained on {len(res.pairs)} pairs for {args.steps} steps x {args.iterations}; "
+          f"final loss {res.fits[-1].final_loss:.4g}; checkpoint in {out}", file=sys.stderr)
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from ..straighten import Pairs, distill
+
+    device = C.device_of(args.device)
+    teacher = C.load_flow(args.ckpt, ema=args.ema, device=device)
+    event_shape = tuple(teacher.model.event_shape)
+    pairs = None
+    pairs_path = Path(args.pairs) if args.pairs else None
+    if pairs_path is not None:
+        try:
+            pairs = Pairs.load(pairs_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--pairs: {e}") from None
+        if tuple(pairs.x_0.shape[1:]) != event_shape:
+            raise CLIError(f"--pairs {str(pairs_path)!r} holds points of shape {tuple(pairs.x_0.shape[1:])}, "
+                           f"but the model expects {event_shape}")
+    source = C.source_sampler(teacher.info.source, event_shape)
+    res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
+                  method=args.pair_method, train_steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
+                  progress=not args.quiet)
+    out = Path(args.out)
+    info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="distilled",
+                     coupling=teacher.info.coupling, path=teacher.info.path, k=teacher.info.k,
+                     parent=str(teacher.directory), default_steps=1, default_method="euler")
+    C.save_flow(res.model, out, info, step=args.steps,
+                config={"command": "distill", "teacher": str(teacher.directory), "n_pairs": len(res.pairs),
+                        "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
+                        "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "seed": args.seed})
+    print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
+          f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
+    return 0
+
+
+register(Command("reflow", "rectify a trained flow: train a (k+1)-RF on the pairs of a k-RF", configure_reflow,
+                 run_reflow, description="Reflow (Liu et al. 2022): x_1 = ODE(x_0) pairs, then flow matching on them.\n"
+                                         "Example:  steerflow reflow --ckpt runs/1rf --out runs/2rf"))
+register(Command("distill", "distil a flow into a one-step generator x_1 = x_0 + v(x_0, 0)", configure_distill,
+                 run_distill, description="One-step distillation by L2 regression on the flow's pairs.\n"
+                                          "Example:  steerflow distill --ckpt runs/2rf --out runs/1step"))

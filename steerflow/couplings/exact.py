@@ -1,0 +1,205 @@
+"""Exact minibatch optimal transport: the optimal permutation of a square assignment problem.
+
+For uniform weights on two batches of equal size ``n`` the optimal transport plan is a permutation
+(Birkhoff–von Neumann), so exact minibatch OT (Pooladian et al. 2023; Tong et al. 2024, OT-CFM) is the
+linear assignment problem
+
+    σ* = argmin_σ Σ_j C[σ(j), j],   C_ij = c(x_0[i], x_1[j]).
+
+Solver. ``scipy.optimize.linear_sum_assignment`` (a shortest-augmenting-path Jonker–Volgenant method,
+Crouse 2016) is exact but slow from a cold start at large ``n``. For ``n >= auction_min_size`` (2048 by
+default) we first run a few ε-scaling phases of Bertsekas' auction algorithm (Bertsekas 1988; Jacobi bidding, vectorised
+in torch on the cost matrix's device) to get near-optimal column prices ``p``, and then hand the
+*reduced* matrix ``C_ij + p_j`` to the exact solver. Adding a constant to a column adds the same amount
+to every assignment's total, so the optimal permutation is unchanged; the prices only make the
+augmenting paths short. Exactness never depends on the auction (it is a warm start); it rests on the
+exact solver. In floating point the reduction perturbs costs by ~1e-16 relative, so on exact ties the
+returned permutation may differ from a cold solve while having the same total cost to ~1e-12.
+``solver="emd"`` uses POT's network simplex instead (optional dependency), run to convergence and
+checked to be a permutation. On the 2-D benchmark problems the network simplex is 3–4× faster than a
+cold Jonker–Volgenant solve up to ``n ≈ 1000`` (3.9 vs 13 ms at 256, 152 vs 673 ms at 1024, one thread),
+so ``"auto"`` uses it below ``auction_min_size`` when POT is installed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import AbstractIndexCoupling, Cost, cost_matrix, resolve_cost
+
+SOLVERS = ("auto", "lsa", "auction-lsa", "emd")
+
+
+def _auction_prices(C: Tensor, *, eps_final: float = 1e-5, eps_start: float = 1e-2, theta: float = 10.0,
+                    stop_fraction: float = 0.01, n_candidates: int = 16, max_rounds: int = 100_000) -> Tensor:
+    """Column prices ``p`` (m,) from ε-scaling forward auction on ``min Σ C_{i σ(i)}`` (C (n, m), n ≤ m).
+
+    Person ``i`` values object ``j`` at ``C_ij + p_j``; an unassigned person bids for its best object
+    ``j₁`` raising its price by ``w₂ − w₁ + ε`` (best and second-best values), the highest bid wins and
+    the previous owner is evicted (Bertsekas 1988). Each phase ends when at most ``stop_fraction · n``
+    persons are unassigned (the exact solver finishes the job), then ``ε ← ε / θ`` from
+    ``eps_start · range(C)`` down to ``eps_final · range(C)``; persons still ε-complementary-slack
+    keep their object. Top-2 values are found from a cached list of each person's ``n_candidates``
+    best objects: prices only rise, so the cached K-th value bounds every non-candidate from below and a
+    full row scan is needed only when the second best exceeds that bound (the result is exact).
+    """
+    n, m = C.shape
+    K = min(n_candidates, m)
+    scale = float(C.max() - C.min())
+    p = torch.zeros(m, dtype=C.dtype, device=C.device)
+    if scale == 0.0 or m < 2:
+        return p
+    eps = eps_start * scale
+    eps_end = eps_final * scale
+    vals, cand = torch.topk(C, K, dim=1, largest=False)
+    bound = vals[:, -1].clone()
+    owner = torch.full((m,), -1, dtype=torch.long, device=C.device)
+    assigned = torch.full((n,), -1, dtype=torch.long, device=C.device)
+    rows = torch.arange(n, device=C.device)
+    k_stop = int(stop_fraction * n)
+    neg_inf = torch.full((m,), -math.inf, dtype=C.dtype, device=C.device)
+    no_bidder = torch.full((m,), -1, dtype=torch.long, device=C.device)
+    rounds = 0
+    first = True
+    while True:
+        if not first:
+            # keep the persons whose object is still within ε of their best value
+            a = assigned.clamp_min(0)
+            cur = C[rows, a] + p[a]
+            best_lb = torch.minimum((C.gather(1, cand) + p[cand]).min(1).values, bound)
+            drop = (assigned >= 0) & (cur > best_lb + eps)
+            owner[assigned[drop]] = -1
+            assigned[drop] = -1
+        first = False
+        U = torch.nonzero(assigned < 0).squeeze(1)
+        while U.numel() > k_stop and rounds < max_rounds:
+            rounds += 1
+            cu = cand[U]
+            cv = C[U[:, None], cu] + p[cu]
+            w, jj = torch.topk(cv, 2, dim=1, largest=False)
+            stale = w[:, 1] > bound[U]
+            if bool(stale.any()):
+                us = U[stale]
+                vk, ck = torch.topk(C.index_select(0, us).add_(p), K, dim=1, largest=False)
+                cand[us], bound[us] = ck, vk[:, -1]
+                cu = cand[U]
+                cv = C[U[:, None], cu] + p[cu]
+                w, jj = torch.topk(cv, 2, dim=1, largest=False)
+            j1 = cu.gather(1, jj[:, :1]).squeeze(1)
+            bid = p[j1] + (w[:, 1] - w[:, 0]) + eps
+            best = neg_inf.clone().scatter_reduce_(0, j1, bid, "amax")
+            win = bid == best[j1]
+            winner = no_bidder.clone().scatter_reduce_(0, j1[win], U[win], "amax")
+            objs = torch.nonzero(winner >= 0).squeeze(1)
+            prev = owner[objs]
+            assigned[prev[prev >= 0]] = -1
+            owner[objs] = winner[objs]
+            assigned[winner[objs]] = objs
+            p[objs] = best[objs]
+            U = torch.nonzero(assigned < 0).squeeze(1)
+        if eps <= eps_end or rounds >= max_rounds:
+            return p
+        eps = max(eps / theta, eps_end)
+
+
+def _have_pot() -> bool:
+    try:
+        import ot  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lsa(C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(C)
+
+
+def _emd_permutation(C: np.ndarray) -> np.ndarray | None:
+    """Network simplex (POT ``ot.emd``) on uniform marginals; its basic optimal plan is a permutation matrix."""
+    try:
+        import ot
+    except ImportError as e:
+        raise ImportError("solver='emd' needs POT: pip install 'steerflow[ot]'") from e
+    n = C.shape[0]
+    w = np.full(n, 1.0 / n)
+    # torchcfm's default of 1e5 iterations stops short of optimality at n = 4096; allow enough pivots
+    P, log = ot.emd(w, w, C, numItermax=max(100_000, 1000 * n), log=True)
+    perm = P.argmax(0)
+    if log.get("warning") or np.unique(perm).size != n or not np.allclose(P[perm, np.arange(n)], 1.0 / n):
+        return None  # not converged or not a vertex: fall back to the assignment solver
+    return perm
+
+
+def solve_assignment(C: Tensor, *, solver: str = "auto", auction_min_size: int = 2048) -> Tensor:
+    """Exact optimal permutation of a square cost matrix.
+
+    Args:
+        C: (n, n) finite costs, ``C[i, j]`` the cost of pairing source ``i`` with target ``j``; any
+            device (the auction warm start runs there, the exact solve on CPU in float64).
+        solver: ``"lsa"`` (scipy's exact Jonker–Volgenant from a cold start), ``"auction-lsa"`` (auction
+            prices, then the same exact solver on ``C_ij + p_j``), ``"emd"`` (POT's network simplex,
+            optional dependency; its optimal vertex is a permutation, checked, with a fallback to
+            ``auction-lsa`` if it stops early) or ``"auto"`` (``auction-lsa`` for ``n >= auction_min_size``,
+            else ``emd`` when POT is installed and ``lsa`` otherwise).
+
+    Returns:
+        σ (n,) long on ``C``'s device with ``σ = argmin_σ Σ_j C[σ[j], j]`` over permutations.
+    """
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be a square (n, n) matrix, got {tuple(C.shape)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
+    if not torch.isfinite(C).all():
+        raise ValueError("the cost matrix holds NaN or inf")
+    n = C.shape[0]
+    use_auction = solver == "auction-lsa" or (solver == "auto" and n >= auction_min_size)
+    C64 = C.detach().to(torch.float64)
+    if solver == "auto" and not use_auction and n >= 2 and _have_pot():
+        solver = "emd"
+    if solver == "emd":
+        perm = _emd_permutation(np.ascontiguousarray(C64.cpu().numpy()))
+        if perm is not None:
+            return torch.from_numpy(perm.astype(np.int64)).to(C.device)
+        use_auction = True
+    if use_auction and n >= 2:
+        # float32 suffices for a warm start (ε_final ≫ float32 rounding) and halves memory traffic
+        p = _auction_prices(C.detach().to(torch.float32))
+        C64 = C64 + p.to(torch.float64)
+    rows, cols = _lsa(C64.cpu().numpy())
+    perm = np.empty(n, dtype=np.int64)
+    perm[cols] = rows
+    return torch.from_numpy(perm).to(C.device)
+
+
+class ExactOT(AbstractIndexCoupling):
+    """Exact minibatch OT coupling: ``(x_0[σ*], x_1)`` with ``σ*`` the optimal permutation.
+
+    ``σ* = argmin_σ (1/b) Σ_j c(x_0[σ(j)], x_1[j])`` over permutations of the batch — a true
+    permutation, so every source point is used exactly once and both empirical marginals are preserved
+    exactly (OT-CFM, Tong et al. 2024; Multisample FM, Pooladian et al. 2023). Deterministic given the
+    inputs (the generator is unused).
+
+    Args:
+        cost: ``"sqeuclidean"`` (``|x_0 − x_1|²``, default), ``"euclidean"`` or a callable
+            ``c(a, b) -> (n, m)`` on flattened samples ``a`` (n, D), ``b`` (m, D).
+        solver: see :func:`solve_assignment`.
+    """
+
+    def __init__(self, cost: Cost = "sqeuclidean", *, solver: str = "auto", auction_min_size: int = 2048) -> None:
+        resolve_cost(cost)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
+        self.cost, self.solver, self.auction_min_size = cost, solver, auction_min_size
+
+    def __repr__(self) -> str:
+        cost = self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable")
+        return f"ExactOT(cost={cost!r}, solver={self.solver!r})"
+
+    def _indices(self, x_0, x_1, labels, generator):
+        C = cost_matrix(self.cost, x_0, x_1)
+        return solve_assignment(C, solver=self.solver, auction_min_size=self.auction_min_size)

@@ -1,0 +1,594 @@
+"""Training-free guidance of a trained flow for inverse problems ``y = A(x_1) + N(0, σ² I)``.
+
+Every method is a small :class:`~steerflow.steering.base.AbstractGuidance` passed to the one loop,
+``steerflow.sample(v, x_0, guidance=...)``; none has a sampler of its own (D-Flow and the look-ahead
+predictors call :func:`steerflow.sample` itself). Linear path ``x_t = t x_1 + (1 − t) x_0``, ``t = 1`` data:
+
+* data prediction ``x̂_1 = x + (1 − t) v(x, t)``, noise prediction ``x̂_0 = x − t v(x, t)``;
+* the exact posterior velocity is ``v_y(x, t) = v(x, t) + ((1 − t) / t) ∇_x log p(y | x_t = x)``
+  (score ``∇ log p_t = (t v − x) / (1 − t)``, Bayes on the score).
+
+Methods that move the state ``x → x'`` before a step with the base velocity held fixed (FlowChef,
+Dreamguider, EnKG, PnP-Flow, DDS) return ``v' = v + (x' − x) / dt``: with Euler steps this is exactly
+"update, then step"; with multi-stage solvers it is applied at every stage.
+
+Cost accounting (into the ``cost`` argument): ``cost.vjp`` counts backward passes through the network,
+``cost.operator_calls`` counts calls of ``A``, ``Aᵀ``, a VJP of ``A`` or an ``A Aᵀ`` solve; NFE is counted
+by the loop. Shapes: ``x`` (b, *d), ``t`` (b,) with one common value, ``y`` (*m) or (b, *m).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..metrics.cost import Cost
+from .base import AbstractGuidance
+from .operators import AbstractLinearOperator, AbstractOperator, Dense, GaussianNoise
+
+__all__ = ["Measurement", "measurement", "ExactPosteriorGuidance", "FlowChef", "DPS", "Lookahead", "DFlow", "Dreamguider", "EnKG",
+           "DDS", "OTODE", "PnPFlow", "SteerflowDefault", "GUIDANCES", "get_guidance"]
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement bookkeeping
+@dataclass(frozen=True)
+class Measurement:
+    """A measurement ``y`` of ``A(x_1)`` with Gaussian noise ``σ``; built by :func:`measurement`."""
+
+    operator: AbstractOperator
+    y: Tensor
+    sigma: float
+
+    def residual(self, x1: Tensor, cost: Cost | None = None) -> Tensor:
+        """``y − A(x̂_1)`` (b, *m)."""
+        Ax = self.operator(x1)
+        _count(cost, operator_calls=1)
+        return self.y_like(Ax) - Ax
+
+    def y_like(self, Ax: Tensor) -> Tensor:
+        y = self.y.to(dtype=Ax.dtype, device=Ax.device)
+        if y.shape == Ax.shape:
+            return y
+        if y.shape == Ax.shape[1:]:
+            return y.unsqueeze(0).expand_as(Ax)
+        if y.ndim == Ax.ndim and y.shape[0] == 1 and y.shape[1:] == Ax.shape[1:]:
+            return y.expand_as(Ax)
+        raise ValueError(f"the measurement y has shape {tuple(self.y.shape)} but A(x) has shape {tuple(Ax.shape)}; "
+                         f"expected {tuple(Ax.shape[1:])} or {tuple(Ax.shape)}")
+
+
+def measurement(operator, y, sigma) -> Measurement:
+    """Validate ``(A, y, σ)``: ``A`` an operator (a matrix becomes :class:`Dense`), ``y`` finite, ``σ ≥ 0``."""
+    if torch.is_tensor(operator) and operator.ndim == 2:
+        operator = Dense(operator)
+    if not isinstance(operator, AbstractOperator):
+        raise TypeError(f"operator must be a steerflow operator or a matrix, got {type(operator).__name__}")
+    if not torch.is_tensor(y):
+        y = torch.as_tensor(y)
+    if not y.is_floating_point():
+        raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+    if not torch.isfinite(y).all():
+        raise ValueError("the measurement y holds NaN or inf; guidance needs a finite measurement "
+                         "(mask missing entries with a Mask operator instead)")
+    if isinstance(sigma, GaussianNoise):
+        sigma = sigma.std
+    sigma = float(sigma)
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"the noise std sigma must be finite and non-negative, got {sigma}")
+    if operator.in_shape is not None and operator.linear:
+        out = operator.out_shape_for(operator.in_shape)
+        if tuple(y.shape) != out and tuple(y.shape[1:]) != out:
+            raise ValueError(f"y has shape {tuple(y.shape)} but {operator!r} measures shape {out} "
+                             f"(expected {out} or (b, {', '.join(map(str, out))}))")
+    return Measurement(operator, y, sigma)
+
+
+def _count(cost: Cost | None, *, vjp: int = 0, operator_calls: int = 0) -> None:
+    if cost is not None:
+        cost.vjp += vjp
+        cost.operator_calls += operator_calls
+
+
+def _tt(t: Tensor, x: Tensor) -> Tensor:
+    return t.to(dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _t0(t: Tensor) -> float:
+    return float(t.reshape(-1)[0])
+
+
+def _require_linear(meas: Measurement, method: str) -> AbstractLinearOperator:
+    if not isinstance(meas.operator, AbstractLinearOperator):
+        raise TypeError(f"{method} needs a linear operator (forward/adjoint), got {meas.operator!r}; "
+                        f"use FlowChef or DPS (differentiable) or EnKG (derivative-free) for non-linear models")
+    return meas.operator
+
+
+def _require_differentiable(meas: Measurement, method: str) -> None:
+    if not meas.operator.differentiable:
+        raise TypeError(f"{method} differentiates the forward model, but {meas.operator!r} has no gradient; "
+                        f"use the derivative-free EnKG")
+
+
+def _data_grad(meas: Measurement, x1: Tensor, cost: Cost | None) -> Tensor:
+    """``∇_{x̂_1} ½‖y − A x̂_1‖²`` (b, *d) without touching the network: ``Aᵀ(A x̂_1 − y)`` or a VJP of ``A``."""
+    if isinstance(meas.operator, AbstractLinearOperator):
+        r = meas.residual(x1, cost)
+        _count(cost, operator_calls=1)
+        return -meas.operator.adjoint(r)
+    _require_differentiable(meas, "this method")
+    with torch.enable_grad():
+        x1_ = x1.detach().requires_grad_(True)
+        r = meas.residual(x1_, cost)
+        (g,) = torch.autograd.grad(0.5 * (r**2).sum(), x1_)
+    _count(cost, operator_calls=1)
+    return g
+
+
+def _displace(v: Tensor, x: Tensor, x_new: Tensor, dt: Tensor) -> Tensor:
+    """The velocity ``v + (x' − x) / dt`` that takes an Euler step from ``x'`` with ``v`` held fixed."""
+    return v + (x_new - x) / dt.to(dtype=x.dtype)
+
+
+def _loss_grad(loss_fn: Callable[[Tensor], Tensor], x1: Tensor) -> Tensor:
+    with torch.enable_grad():
+        x1_ = x1.detach().requires_grad_(True)
+        loss = loss_fn(x1_)
+        if loss.ndim > 0:
+            loss = loss.sum()
+        (g,) = torch.autograd.grad(loss, x1_)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+class ExactPosteriorGuidance(AbstractGuidance):
+    """The oracle ``v_y = v + ((1 − t) / t) ∇_x log p(y | x_t)`` for a :class:`GaussianMixture` prior.
+
+    ``log p(y | x_t)`` is exact (``GaussianMixture.measurement_log_likelihood``), so up to discretisation this
+    ODE transports ``N(0, I)`` onto the exact posterior. At ``t = 0`` the limit is used:
+    ``v_y(x, 0) = E[x_1 | y] − x``. The gradient is analytic and is not counted as a network VJP.
+
+    Args: ``mixture`` the prior; ``A`` (m, d) matrix or linear operator on (d,) vectors; ``y`` (m,); ``sigma``.
+    """
+
+    def __init__(self, mixture, A, y, sigma: float, *, t_min: float = 1e-6) -> None:
+        if isinstance(A, AbstractLinearOperator):
+            A = A.matrix((mixture.dim,))
+        A = torch.as_tensor(A, dtype=mixture.dtype)
+        y = torch.as_tensor(y, dtype=mixture.dtype).reshape(-1)
+        if A.ndim != 2 or A.shape[1] != mixture.dim:
+            raise ValueError(f"A must have shape (m, {mixture.dim}), got {tuple(A.shape)}")
+        if y.shape != (A.shape[0],):
+            raise ValueError(f"y must have shape ({A.shape[0]},), got {tuple(y.shape)}")
+        if not torch.isfinite(y).all():
+            raise ValueError("the measurement y holds NaN or inf")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive for the exact posterior, got {sigma}")
+        self.mixture, self.A, self.y, self.sigma, self.t_min = mixture, A, y, float(sigma), t_min
+        post = mixture.posterior(A, y, sigma)
+        self.posterior_mean = (post.weights[:, None] * post.means).sum(0)
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        t0 = _t0(t)
+        if t0 < self.t_min:
+            return (self.posterior_mean.to(x.dtype) - x)
+        with torch.enable_grad():
+            x_ = x.detach().to(self.mixture.dtype).requires_grad_(True)
+            ll = self.mixture.measurement_log_likelihood(x_, t.to(self.mixture.dtype), self.A, self.y, self.sigma)
+            (g,) = torch.autograd.grad(ll.sum(), x_)
+        return v(x, t) + ((1 - t0) / t0) * g.to(x.dtype)
+
+
+class FlowChef(AbstractGuidance):
+    """FlowChef (Patel et al. 2024, "Steering Rectified Flow Models in the Vector Field"): gradient skipping.
+
+    With ``v = v(x, t)`` held fixed, ``K`` inner steps ``x ← x − s_t ∇_{x̂_1} L(x̂_1)``, ``x̂_1 = x + (1 − t) v``
+    (no backpropagation through the network: ``∂x̂_1/∂x`` is taken as ``I``), then the Euler step with ``v``.
+    ``L`` is ``loss_fn(x̂_1)`` (any differentiable (b,) loss, e.g. a classifier's ``−log p(c | x̂_1)``) or the
+    measurement loss ``½‖y − A x̂_1‖²``. Step schedule ``s_t = step_size · w(t)`` with ``w`` constant or
+    ``1 − t`` (``schedule="linear"``).
+    """
+
+    def __init__(self, operator=None, y=None, sigma: float = 0.0, *, loss_fn: Callable[[Tensor], Tensor] | None = None,
+                 step_size: float = 0.1, n_inner: int = 1, schedule: str = "constant") -> None:
+        if (operator is None) == (loss_fn is None):
+            raise ValueError("FlowChef needs exactly one of (operator, y) or loss_fn")
+        self.meas = measurement(operator, y, sigma) if operator is not None else None
+        if self.meas is not None:
+            _require_differentiable(self.meas, "FlowChef")
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"unknown schedule {schedule!r}; expected 'constant' or 'linear'")
+        if n_inner < 1:
+            raise ValueError(f"n_inner must be at least 1, got {n_inner}")
+        self.loss_fn, self.step_size, self.n_inner, self.schedule = loss_fn, float(step_size), int(n_inner), schedule
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0 = _t0(t)
+        s = self.step_size * ((1 - t0) if self.schedule == "linear" else 1.0)
+        x_new = x
+        for _ in range(self.n_inner):
+            x1 = x_new + (1 - t0) * v_t
+            g = _data_grad(self.meas, x1, cost) if self.meas is not None else _loss_grad(self.loss_fn, x1)
+            x_new = x_new - s * g
+        return _displace(v_t, x, x_new, dt)
+
+
+def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Cost | None, *, normalize: bool):
+    """Predict ``x̂_1`` with ``k`` Euler steps from ``(x, t)`` to 1 with autograd on, return ``(v(x,t), ∇_x L)``.
+
+    ``L = ‖y − A x̂_1(x)‖`` (``normalize``, DPS's ``ζ / ‖y − A x̂‖`` step) or ``‖y − A x̂_1(x)‖² / 2σ²``.
+    """
+    from ..solvers.sample import sample
+
+    t0 = _t0(t)
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        v_t = v(x_, t)
+        h = (1 - t0) / k
+        x1 = x_ + h * v_t
+        if k > 1:
+            ts = torch.linspace(t0 + h, 1.0, k, dtype=torch.float64)
+            x1 = sample(v, x1, ts=ts, cost=Cost(), check_finite=False)
+        r = meas.residual(x1, cost)
+        sq = (r**2).reshape(r.shape[0], -1).sum(-1)
+        loss = sq.clamp_min(1e-30).sqrt().sum() if normalize else sq.sum() / (2 * max(meas.sigma, 1e-12) ** 2)
+        (g,) = torch.autograd.grad(loss, x_)
+    _count(cost, vjp=k, operator_calls=1)
+    return v_t.detach(), g
+
+
+class _BackpropGuidance(AbstractGuidance):
+    """Shared body of :class:`DPS` and :class:`Lookahead`: gradient of the measurement loss on a predicted
+    ``x̂_1``, differentiated through the network."""
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.05, normalize: bool = True,
+                 t_min: float = 1e-2) -> None:
+        self.meas = measurement(operator, y, sigma)
+        _require_differentiable(self.meas, type(self).__name__)
+        if not normalize and self.meas.sigma == 0:
+            raise ValueError("normalize=False weights by 1/σ² and needs sigma > 0")
+        self.scale, self.normalize, self.t_min = float(scale), bool(normalize), t_min
+
+    def _k(self, t, dt) -> int:
+        return 1
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t, g = _posterior_step(self.meas, v, x, t, self._k(t, dt), cost, normalize=self.normalize)
+        if self.normalize:
+            return v_t - (self.scale / abs(float(dt))) * g
+        t0 = max(_t0(t), self.t_min)
+        return v_t - self.scale * ((1 - t0) / t0) * g
+
+
+class DPS(_BackpropGuidance):
+    """Diffusion posterior sampling adapted to flows (Chung et al. 2023; "posterior guidance").
+
+    ``x̂_1 = x + (1 − t) v(x, t)`` is differentiated through the network:
+    ``v' = v − (ζ / |dt|) ∇_x ‖y − A x̂_1(x)‖`` — DPS's per-step move ``−ζ ∇‖y − A x̂‖`` with ``ζ = scale``
+    (``normalize=True``), or with ``normalize=False`` ``v' = v − ζ ((1 − t)/t) ∇_x ‖y − A x̂_1‖² / 2σ²``,
+    the Tweedie-plug-in approximation of ``((1 − t)/t) ∇ log p(y | x_t)``. One VJP per stage.
+    """
+
+
+class Lookahead(_BackpropGuidance):
+    """DPS with a ``k``-step look-ahead: ``x̂_1`` from ``k`` Euler steps of the flow from ``(x, t)`` to 1,
+    differentiated through all of them (``k = 1`` is DPS; ``k=None`` solves the whole remaining grid, i.e.
+    end-to-end guidance; Wang et al., "Greed is Good"). Costs ``k`` NFE and ``k`` VJPs per stage."""
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, k: int | None = 4, scale: float = 0.05,
+                 normalize: bool = True, t_min: float = 1e-2) -> None:
+        super().__init__(operator, y, sigma, scale=scale, normalize=normalize, t_min=t_min)
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be a positive integer or None (end-to-end), got {k!r}")
+        self.k = k
+
+    def _k(self, t, dt) -> int:
+        if self.k is not None:
+            return self.k
+        return max(1, int(round((1 - _t0(t)) / abs(float(dt)))))
+
+
+class DFlow(AbstractGuidance):
+    """D-Flow (Ben-Hamu et al. 2024): optimise the source noise through the differentiable solve.
+
+    ``x_0* = argmin_{x_0} ‖y − A(φ(x_0))‖² / 2σ² + λ R(x_0)`` with ``φ`` an ``inner_steps``-step Euler solve
+    (:func:`steerflow.sample`, differentiated through) and ``R(x_0) = ‖x_0‖²/2 − (d/2 − 1) log ‖x_0‖²`` the
+    χ²-norm regulariser (negative log density of ``‖x_0‖²`` under ``N(0, I)``), minimised by L-BFGS in
+    ``initial``; the outer loop then solves from ``x_0*``. Each backward pass costs ``inner_steps`` VJPs.
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, inner_steps: int = 10, n_iter: int = 10,
+                 reg: float = 1.0, lr: float = 1.0) -> None:
+        self.meas = measurement(operator, y, sigma)
+        _require_differentiable(self.meas, "DFlow")
+        self.inner_steps, self.n_iter, self.reg, self.lr = int(inner_steps), int(n_iter), float(reg), float(lr)
+
+    def initial(self, v, x, ts, *, generator=None, cost=None):
+        from ..solvers.sample import sample
+
+        w = 1.0 / (2 * max(self.meas.sigma, 1e-3) ** 2)
+        d = x[0].numel()
+        x0 = x.detach().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x0], lr=self.lr, max_iter=self.n_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            with torch.enable_grad():
+                x1 = sample(v, x0, steps=self.inner_steps, cost=Cost(), check_finite=False)
+                r = self.meas.residual(x1, cost)
+                n2 = (x0**2).reshape(x0.shape[0], -1).sum(-1)
+                loss = w * (r**2).sum() + self.reg * (0.5 * n2 - (0.5 * d - 1) * torch.log(n2)).sum()
+                loss.backward()
+            _count(cost, vjp=self.inner_steps, operator_calls=1)
+            return loss
+
+        opt.step(closure)
+        return x0.detach()
+
+
+class Dreamguider(AbstractGuidance):
+    """Dreamguider-style guidance (Nair & Patel 2024): no network backpropagation, a time-varying factor and
+    an automatic step scale.
+
+    The gradient is taken at the data prediction, ``g = ∇_{x̂_1} ½‖y − A x̂_1‖²``, and carried to ``x_t`` by the
+    time-varying factor ``λ_t = t / (t² + (1 − t)²)`` (the Jacobian ``∂x̂_1/∂x_t`` for unit-variance Gaussian
+    data). The step is scaled automatically per sample so that the guidance move is a fraction ``scale`` of
+    the flow's own move: ``x' = x − scale · (|dt| ‖v‖ / ‖λ_t g‖) · λ_t g``. Our reading of the paper's
+    description (its code is not public); documented as "-style".
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.5) -> None:
+        self.meas = measurement(operator, y, sigma)
+        _require_differentiable(self.meas, "Dreamguider")
+        self.scale = float(scale)
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0 = _t0(t)
+        x1 = x + (1 - t0) * v_t
+        g = (t0 / (t0**2 + (1 - t0) ** 2)) * _data_grad(self.meas, x1, cost)
+        b = x.shape[0]
+        gn = g.reshape(b, -1).norm(dim=-1).clamp_min(1e-12)
+        vn = v_t.reshape(b, -1).norm(dim=-1)
+        eta = self.scale * abs(float(dt)) * vn / gn
+        return _displace(v_t, x, x - eta.reshape(-1, *([1] * (x.ndim - 1))) * g, dt)
+
+
+class EnKG(AbstractGuidance):
+    """Ensemble Kalman guidance (Zheng et al. 2024): derivative-free, forward-model evaluations only.
+
+    Particles ``x^j`` (the batch, or consecutive groups of ``ensemble_size``) predict ``x̂_1^j`` (one step,
+    ``x + (1 − t) v``, or ``predictor_steps`` Euler steps to 1), measure ``ŷ^j = A(x̂_1^j)`` and move by the
+    ensemble preconditioned gradient ``x^j ← x^j − η Σ_k ⟨ŷ^j − y, ŷ^k − ŷ̄⟩ (x^k − x̄) / J`` with the
+    normalised step ``η = scale / ‖C‖_F``, ``C_jk = ⟨ŷ^j − y, ŷ^k − ŷ̄⟩ / J`` (as in the official code).
+    The base velocity at ``x`` is held fixed for the step.
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.05, ensemble_size: int | None = None,
+                 predictor_steps: int = 1, n_updates: int = 1) -> None:
+        self.meas = measurement(operator, y, sigma)
+        if ensemble_size is not None and ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be at least 2, got {ensemble_size}")
+        self.scale, self.J, self.k, self.n_updates = float(scale), ensemble_size, int(predictor_steps), int(n_updates)
+
+    def _predict(self, v, x, t0, v_t):
+        from ..solvers.sample import sample
+
+        h = (1 - t0) / self.k
+        x1 = x + h * v_t
+        if self.k > 1:
+            x1 = sample(v, x1, ts=torch.linspace(t0 + h, 1.0, self.k, dtype=torch.float64), cost=Cost())
+        return x1
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0 = _t0(t)
+        b = x.shape[0]
+        J = self.J or b
+        if b % J:
+            raise ValueError(f"the batch ({b}) must be a multiple of ensemble_size ({J})")
+        x_cur = x
+        with torch.no_grad():
+            for u in range(self.n_updates):
+                vu = v_t if u == 0 else v(x_cur, t)
+                yh = self.meas.operator(self._predict(v, x_cur, t0, vu))
+                _count(cost, operator_calls=1)
+                err = (yh - self.meas.y_like(yh)).reshape(b // J, J, -1)
+                yd = yh.reshape(b // J, J, -1)
+                yd = yd - yd.mean(1, keepdim=True)
+                xd = x_cur.reshape(b // J, J, -1)
+                xd = xd - xd.mean(1, keepdim=True)
+                # C = err ydᵀ / J (J × J) is never formed: C xd = err (ydᵀ xd) / J, ‖C‖_F² = Σ (errᵀerr) ⊙ (ydᵀyd) / J²
+                dx = err @ (yd.transpose(1, 2) @ xd) / J
+                cf = ((err.transpose(1, 2) @ err) * (yd.transpose(1, 2) @ yd)).sum((1, 2)).clamp_min(1e-30).sqrt() / J
+                eta = (self.scale / cf).reshape(-1, 1, 1)
+                x_cur = x_cur - (eta * dx).reshape(x.shape)
+        return _displace(v_t, x, x_cur, dt)
+
+
+class DDS(AbstractGuidance):
+    """Decomposed diffusion sampling (Chung et al. 2024) on the linear path.
+
+    Data consistency on the data prediction by ``n_cg`` conjugate-gradient steps on
+    ``(Aᵀ A + γ I) x̂_1' = Aᵀ y + γ x̂_1`` started at ``x̂_1`` (a Krylov-subspace proximal step), then the
+    path-consistent re-noising ``x_{t+dt} = (t + dt) x̂_1' + (1 − t − dt) x̂_0'`` with
+    ``x̂_0' = √(1 − η²) x̂_0 + η ε`` (DDIM-η; ``eta=0`` deterministic), returned as the velocity of that jump.
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, n_cg: int = 5, gamma: float = 0.0, eta: float = 0.0) -> None:
+        self.meas = measurement(operator, y, sigma)
+        self.A = _require_linear(self.meas, "DDS")
+        if n_cg < 1:
+            raise ValueError(f"n_cg must be at least 1, got {n_cg}")
+        if not (0.0 <= eta <= 1.0):
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.n_cg, self.gamma, self.eta = int(n_cg), float(gamma), float(eta)
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0, h = _t0(t), float(dt)
+        x1, x0 = x + (1 - t0) * v_t, x - t0 * v_t
+        A, g = self.A, self.gamma
+        Aty = A.adjoint(self.meas.y_like(A(x1)))
+        rhs = Aty + g * x1
+        x1_new = _cg_from(lambda z: A.adjoint(A(z)) + g * z, rhs, x1, self.n_cg)
+        _count(cost, operator_calls=2 + 2 * self.n_cg + 2)
+        if self.eta > 0:
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x0 = math.sqrt(1 - self.eta**2) * x0 + self.eta * eps
+        x_next = (t0 + h) * x1_new + (1 - t0 - h) * x0
+        return (x_next - x) / h
+
+
+def _cg_from(apply, rhs, x0, n_iter):
+    from .operators import conjugate_gradient
+
+    return conjugate_gradient(apply, rhs, x0, n_iter=n_iter, tol=0.0)
+
+
+class OTODE(AbstractGuidance):
+    """OT-ODE / ΠGDM guidance for flows (Pokle et al. 2024; Song et al. 2023 ΠGDM).
+
+    ``∇ log p(y | x_t) ≈ (∂x̂_1/∂x)ᵀ Aᵀ (r_t² A Aᵀ + σ² I)⁻¹ (y − A x̂_1)`` (a VJP through the network) with
+    ``r_t² = (1 − t)² / (t² + (1 − t)²)``, and ``v' = v + scale · ((1 − t)/t) ∇ log p(y | x_t)``.
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 1.0, t_min: float = 1e-2) -> None:
+        self.meas = measurement(operator, y, sigma)
+        self.A = _require_linear(self.meas, "OTODE")
+        self.scale, self.t_min = float(scale), t_min
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        t0 = _t0(t)
+        r2 = (1 - t0) ** 2 / (t0**2 + (1 - t0) ** 2)
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            v_t = v(x_, t)
+            x1 = x_ + (1 - t0) * v_t
+            r = self.meas.residual(x1.detach(), cost)
+            w = self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r))
+            (g,) = torch.autograd.grad(x1, x_, grad_outputs=w)
+        _count(cost, vjp=1, operator_calls=2)
+        te = max(t0, self.t_min)
+        return v_t.detach() + self.scale * ((1 - te) / te) * g
+
+
+class PnPFlow(AbstractGuidance):
+    """PnP-Flow (Martin et al. 2025): gradient step, interpolation, denoising — on the loop's grid.
+
+    At grid time ``t`` with state ``z̃`` (a point of the path): denoise ``x = D_t(z̃) = z̃ + (1 − t) v(z̃, t)``,
+    take a data-fidelity step ``z = x − γ_t Aᵀ(A x − y)`` with ``γ_t = step_size (1 − t)^α``, and
+    re-interpolate with fresh noise ``z̃_{t+dt} = (t + dt) z + (1 − t − dt) ε``. Returned as the velocity
+    of that jump, so it is exact for ``method="euler"`` (the algorithm is not an ODE).
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, step_size: float = 1.0, alpha: float = 0.5) -> None:
+        self.meas = measurement(operator, y, sigma)
+        _require_differentiable(self.meas, "PnPFlow")
+        self.step_size, self.alpha = float(step_size), float(alpha)
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0, h = _t0(t), float(dt)
+        x1 = x + (1 - t0) * v_t
+        z = x1 - self.step_size * (1 - t0) ** self.alpha * _data_grad(self.meas, x1, cost)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_next = (t0 + h) * z + (1 - t0 - h) * eps
+        return (x_next - x) / h
+
+
+class SteerflowDefault(AbstractGuidance):
+    """steerflow's recommended guidance: a closed-form Gaussian-posterior correction of ``x̂_1``, no backprop.
+
+    Model ``x_1 | x_t ≈ N(x̂_1, C_t)``. Tweedie's second-order identity ``∂x̂_1/∂x_t = t C_t / (1 − t)²`` and
+    ``p(y | x_t) ≈ N(y; A x̂_1, A C_t Aᵀ + σ² I)`` turn ``((1 − t)/t) ∇ log p(y | x_t)`` into a correction
+    that needs no network VJP:
+
+        v' = v + C_t Aᵀ (A C_t Aᵀ + σ² I)⁻¹ (y − A x̂_1) / (1 − t) = v + (x̂_1^post − x̂_1) / (1 − t),
+
+    i.e. ``x̂_1(v') = x̂_1^post``, the Gaussian posterior mean of ``x_1`` given ``x_t`` and ``y``. ``C_t``:
+
+    * ``covariance="ensemble"``: statistical linearisation of the denoiser over the batch (derivative-free):
+      ``J̄ = Cov_b(x̂_1, x) Cov_b(x)⁻¹`` and ``C_t = ((1 − t)²/t) sym(J̄)`` clipped to PSD — it keeps the
+      correlations between coordinates that decide mode weights (needs ``b ≫ d``; d × d algebra);
+    * ``covariance="isotropic"``: ``C_t = r_t² I``, ``r_t² = s² (1 − t)² / (t² s² + (1 − t)²)`` with
+      ``s² = prior_var`` (exact for data ``N(m, s² I)``), through the operator's ``solve_normal`` — the
+      choice for images;
+    * ``"auto"`` (default): ensemble when ``b ≥ 8 d`` and ``d ≤ 256``, isotropic otherwise. The first step
+      (``t = 0``, where the regression is degenerate) uses the isotropic form.
+
+    The weighting is σ- and ``A``-aware (the solve normalises by ``A C Aᵀ + σ²``): no step size to retune.
+    For a Gaussian prior the isotropic/ensemble corrections make this the exact posterior ODE.
+    """
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, covariance: str = "auto", prior_var: float = 1.0,
+                 scale: float = 1.0, jitter: float = 1e-6) -> None:
+        self.meas = measurement(operator, y, sigma)
+        self.A = _require_linear(self.meas, "SteerflowDefault")
+        if covariance not in ("auto", "ensemble", "isotropic"):
+            raise ValueError(f"unknown covariance {covariance!r}; expected 'auto', 'ensemble' or 'isotropic'")
+        if not prior_var > 0:
+            raise ValueError(f"prior_var must be positive, got {prior_var}")
+        self.covariance, self.s2, self.scale, self.jitter = covariance, float(prior_var), float(scale), float(jitter)
+
+    def _use_ensemble(self, x: Tensor) -> bool:
+        d = x[0].numel()
+        if self.covariance == "auto":
+            return x.shape[0] >= 8 * d and d <= 256
+        return self.covariance == "ensemble"
+
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        v_t = v(x, t)
+        t0 = _t0(t)
+        if t0 >= 1.0:
+            return v_t
+        x1 = x + (1 - t0) * v_t
+        r = self.meas.residual(x1, cost)
+        if t0 > 0 and self._use_ensemble(x):
+            if x.shape[0] < 2:
+                raise ValueError("covariance='ensemble' needs a batch of at least 2 samples")
+            corr = self._ensemble_correction(x, x1, r, t0, cost)
+        else:
+            r2 = self.s2 * (1 - t0) ** 2 / (t0**2 * self.s2 + (1 - t0) ** 2)
+            corr = r2 * self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r))
+            _count(cost, operator_calls=2)
+        return v_t + self.scale * corr / (1 - t0)
+
+    def _ensemble_correction(self, x, x1, r, t0, cost):
+        b, shape = x.shape[0], x.shape[1:]
+        X = (x - x.mean(0, keepdim=True)).reshape(b, -1)
+        X1 = (x1 - x1.mean(0, keepdim=True)).reshape(b, -1)
+        d = X.shape[1]
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        Cxx = X.T @ X / (b - 1) + self.jitter * eye
+        J = torch.linalg.solve(Cxx, X.T @ X1 / (b - 1)).T  # J̄ = Cov(x̂_1, x) Cov(x)⁻¹
+        C = 0.5 * (J + J.T) * ((1 - t0) ** 2 / t0)
+        lam, Q = torch.linalg.eigh(C)
+        C = (Q * lam.clamp_min(0)) @ Q.T
+        CAt = self.A(C.reshape(d, *shape)).reshape(d, -1)              # rows: A applied to C's columns → C Aᵀ (d, m)
+        ACAt = self.A(CAt.T.reshape(-1, *shape)).reshape(CAt.shape[1], -1)  # A C Aᵀ (m, m)
+        m = ACAt.shape[0]
+        S = 0.5 * (ACAt + ACAt.T) + self.meas.sigma**2 * torch.eye(m, dtype=x.dtype, device=x.device)
+        rr = r.reshape(b, -1)
+        w = torch.linalg.lstsq(S, rr.T).solution if self.meas.sigma == 0 else torch.linalg.solve(S, rr.T)
+        _count(cost, operator_calls=2)
+        return (CAt @ w).T.reshape(b, *shape)
+
+
+GUIDANCES: dict[str, type] = {
+    "exact": ExactPosteriorGuidance, "flowchef": FlowChef, "dps": DPS, "lookahead": Lookahead, "dflow": DFlow,
+    "dreamguider": Dreamguider, "enkg": EnKG, "dds": DDS, "otode": OTODE, "pnpflow": PnPFlow,
+    "default": SteerflowDefault,
+}
+
+
+def get_guidance(name: str, *args, **kwargs) -> AbstractGuidance:
+    """Build a guidance by name (see ``GUIDANCES``), e.g. ``get_guidance("dps", A, y, 0.1, scale=0.3)``."""
+    if name not in GUIDANCES:
+        raise ValueError(f"unknown guidance {name!r}; expected one of {sorted(GUIDANCES)}")
+    return GUIDANCES[name](*args, **kwargs)

@@ -1,0 +1,360 @@
+"""Checkpoints without pickled modules: safetensors for tensors, JSON for structure and scalars.
+
+Layout of a training directory ``out_dir``::
+
+    out_dir/latest.json             {"step": k, "checkpoint": "step-0000000k"}   (written last)
+    out_dir/step-0000000k/config.json          model name + config, training config, step
+    out_dir/step-0000000k/model.safetensors    model weights
+    out_dir/step-0000000k/ema.safetensors      EMA weights (when an EMA is kept)
+    out_dir/step-0000000k/state.safetensors    optimiser tensors, RNG states, loss trace, extra tensors
+    out_dir/step-0000000k/state.json           optimiser structure/scalars, extra JSON values
+
+A checkpoint directory is written under a temporary name and renamed into place, then ``latest.json``
+is replaced atomically (temp file + ``os.replace``): a crash at any moment leaves the previous
+checkpoint intact and ``latest.json`` pointing at a complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models import build_model, model_name, unwrap_model
+
+FORMAT = "steerflow.checkpoint"
+VERSION = 1
+LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: rebuilt ``model`` (and ``ema_model`` or None), the stored ``config`` dict
+    (``{"model": {"name", "config"}, "training": {...}, "step": k, ...}``), the ``step``, the directory
+    it came from, and the ``extra`` values saved with it (tensors and JSON values)."""
+
+    model: nn.Module
+    ema_model: nn.Module | None
+    config: dict[str, Any]
+    step: int
+    path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+def _json_dump_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _to_saveable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a CPU copy per tensor is the portable form.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_to_saveable(tensors), str(path), metadata={"format": FORMAT})
+
+
+def _check_json(obj: Any, what: str) -> None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optimizer.state.{pid}.{key}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"class": type(optimizer).__name__, "param_groups": groups, "state_scalars": scalars}
+    _check_json(meta, "optimizer state")
+    return tensors, meta
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = None,
+                    optimizer: torch.optim.Optimizer | None = None, config: dict[str, Any], step: int,
+                    extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
+    """Write a checkpoint for ``step`` under ``out_dir`` atomically and point ``latest.json`` at it.
+
+    Args:
+        out_dir: training directory (created if needed).
+        model: the network (DDP / compiled wrappers are unwrapped). Its ``name``/``config`` (see
+            :func:`steerflow.models.build_model`) are stored so :func:`load_checkpoint` can rebuild it.
+        ema: an :class:`~steerflow.training.EMA` or an ``nn.Module`` holding averaged weights.
+        optimizer: its tensors go to ``state.safetensors``, its structure and scalars to ``state.json``.
+        config: the training configuration (JSON-serialisable dict).
+        step: number of completed optimiser steps.
+        extra: additional values: tensors go to ``state.safetensors`` (key ``extra.<name>``), anything
+            else must be JSON-serialisable and goes to ``state.json``.
+        keep: number of most recent checkpoint directories to keep (older ones are deleted).
+
+    Returns:
+        The checkpoint directory ``out_dir/step-<step>``.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    _check_json(config, "config")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = unwrap_model(model)
+    name = model_name(net)
+    model_config = getattr(net, "config", None) if name is not None else None
+    extra = dict(extra or {})
+    extra_tensors = {f"extra.{k}": v for k, v in extra.items() if torch.is_tensor(v)}
+    extra_json = {k: v for k, v in extra.items() if not torch.is_tensor(v)}
+    _check_json(extra_json, "extra (non-tensor values)")
+
+    files: dict[str, str] = {"model": "model.safetensors"}
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-step-"))
+    try:
+        _save_tensors(net.state_dict(), tmp / "model.safetensors")
+        if ema is not None:
+            ema_module = ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema
+            _save_tensors(unwrap_model(ema_module).state_dict(), tmp / "ema.safetensors")
+            files["ema"] = "ema.safetensors"
+        state_tensors = dict(extra_tensors)
+        state_json: dict[str, Any] = {"extra": extra_json}
+        if optimizer is not None:
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+            state_tensors.update(opt_tensors)
+            state_json["optimizer"] = opt_meta
+        _save_tensors(state_tensors, tmp / "state.safetensors")
+        with open(tmp / "state.json", "w") as f:
+            json.dump(state_json, f, indent=1, sort_keys=True)
+        files.update(state="state.safetensors", state_json="state.json")
+        meta = {"format": FORMAT, "version": VERSION, "step": step, "files": files,
+                "model": {"name": name, "config": model_config}, "training": config}
+        with open(tmp / "config.json", "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        final = out / checkpoint_dir_name(step)
+        trash = None
+        if final.exists():
+            trash = out / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _json_dump_atomic({"step": step, "checkpoint": final.name}, out / LATEST)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    olds = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name != final.name)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+# --- reading ---------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from either itself or a training directory holding ``latest.json``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint: {p} does not exist")
+    if p.is_file():
+        if p.name == "config.json":
+            return p.parent
+        raise ValueError(f"expected a checkpoint directory or a training directory, got the file {p}")
+    if (p / "config.json").exists():
+        return p
+    latest = p / LATEST
+    if not latest.exists():
+        raise FileNotFoundError(f"no checkpoint in {p}: neither {p / 'config.json'} nor {latest} exists")
+    pointer = _read_json(latest)
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
+        raise ValueError(f"corrupt checkpoint pointer {latest}: expected {{'checkpoint': <dir>}}, got {pointer!r}")
+    ckpt = p / pointer["checkpoint"]
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{latest} points at {ckpt}, which holds no config.json")
+    return ckpt
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"missing checkpoint file {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
+
+
+def _read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of the checkpoint at ``path`` (checkpoint or training directory)."""
+    ckpt = resolve_checkpoint(path)
+    meta = _read_json(ckpt / "config.json")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"corrupt checkpoint {ckpt / 'config.json'}: not a {FORMAT} file")
+    missing = [k for k in ("step", "files", "model", "training") if k not in meta]
+    if missing or not isinstance(meta["files"], dict) or "model" not in meta["files"]:
+        raise ValueError(f"corrupt checkpoint {ckpt / 'config.json'}: missing entries {missing or ['files.model']}")
+    if meta.get("version", VERSION) > VERSION:
+        raise ValueError(f"checkpoint {ckpt} has format version {meta['version']}; this steerflow reads <= {VERSION}")
+    return meta
+
+
+def load_weights(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
+    """``module.load_state_dict(tensors)`` after checking names and shapes, with errors that name them."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch at " + ", ".join(
+                f"{k}: stored {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8]))
+        if missing:
+            parts.append(f"missing keys {missing[:8]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}")
+        raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+    module.load_state_dict(tensors)
+
+
+def _config_diff(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return sorted(k for k in expected if k not in stored or norm(stored[k]) != norm(expected[k]))
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu", model_name: str | None = None,
+                    expect_config: dict[str, Any] | None = None) -> Checkpoint:
+    """Rebuild the model (and EMA model) stored at ``path`` and load their weights.
+
+    Args:
+        path: a checkpoint directory ``.../step-k`` or a training directory (its ``latest.json``).
+        device: where the tensors are loaded.
+        model_name: if given, the stored model name must equal it (``ValueError`` otherwise); needed for
+            checkpoints whose model was not a registered one.
+        expect_config: if given, every key must equal the stored model config; the differing keys are
+            named in the ``ValueError``.
+
+    Raises:
+        FileNotFoundError: the directory or one of its files is missing (named).
+        ValueError: a corrupt file (``"corrupt checkpoint file ..."``), a config mismatch, or weights
+            whose names/shapes do not fit the rebuilt model (the keys are named).
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = read_config(ckpt)
+    stored = meta.get("model") or {}
+    name, mconfig = stored.get("name"), stored.get("config")
+    if model_name is not None and name is not None and model_name != name:
+        raise ValueError(f"checkpoint {ckpt} holds model {name!r}, expected {model_name!r}")
+    name = name if name is not None else model_name
+    if name is None or mconfig is None:
+        raise ValueError(f"checkpoint {ckpt} stores no registered model name/config; load its weights with "
+                         "steerflow.training.load_state(path) into a model you construct")
+    if expect_config is not None:
+        diff = _config_diff(mconfig, expect_config)
+        if diff:
+            raise ValueError(f"checkpoint {ckpt} model config differs at keys {diff}: stored "
+                             f"{ {k: mconfig.get(k) for k in diff} } vs expected { {k: expect_config[k] for k in diff} }")
+    model = build_model(name, **mconfig)
+    load_weights(model, _read_tensors(ckpt / meta["files"]["model"]), f"weights {ckpt / meta['files']['model']}")
+    model.to(device).eval()
+    ema_model = None
+    if "ema" in meta["files"]:
+        ema_model = build_model(name, **mconfig)
+        load_weights(ema_model, _read_tensors(ckpt / meta["files"]["ema"]), f"EMA weights {ckpt / meta['files']['ema']}")
+        ema_model.to(device).eval()
+    extra = load_extra(ckpt)
+    return Checkpoint(model=model, ema_model=ema_model, config=meta, step=int(meta["step"]), path=ckpt, extra=extra)
+
+
+def load_extra(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The ``extra`` values saved with a checkpoint: tensors and JSON values, by name."""
+    ckpt = resolve_checkpoint(path)
+    state = _read_json(ckpt / "state.json")
+    tensors = _read_tensors(ckpt / "state.safetensors", device)
+    out = dict(state.get("extra", {}))
+    out.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    return out
+
+
+def load_state(path: str | os.PathLike, model: nn.Module, *, ema: Any = None,
+               optimizer: torch.optim.Optimizer | None = None) -> tuple[int, dict[str, Any]]:
+    """Load weights (and EMA weights, optimiser state) from ``path`` into existing objects, in place.
+
+    Returns ``(step, extra)``. Used by :func:`~steerflow.training.train` to resume; tensors are moved to
+    the device of the live parameters.
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = read_config(ckpt)
+    net = unwrap_model(model)
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    load_weights(net, _read_tensors(ckpt / meta["files"]["model"], device), f"weights {ckpt / meta['files']['model']}")
+    if ema is not None:
+        if "ema" not in meta["files"]:
+            raise ValueError(f"checkpoint {ckpt} holds no EMA weights, but an EMA was given")
+        ema_module = ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema
+        load_weights(ema_module, _read_tensors(ckpt / meta["files"]["ema"], device),
+                     f"EMA weights {ckpt / meta['files']['ema']}")
+    state = _read_json(ckpt / "state.json")
+    tensors = _read_tensors(ckpt / "state.safetensors", "cpu")
+    if optimizer is not None:
+        opt_meta = state.get("optimizer")
+        if opt_meta is None:
+            raise ValueError(f"checkpoint {ckpt} holds no optimizer state")
+        if opt_meta["class"] != type(optimizer).__name__:
+            raise ValueError(f"checkpoint optimizer is {opt_meta['class']}, got {type(optimizer).__name__}")
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, val in tensors.items():
+            if key.startswith("optimizer.state."):
+                pid, name = key[len("optimizer.state."):].split(".", 1)
+                opt_state.setdefault(int(pid), {})[name] = val
+        for pid, scal in opt_meta["state_scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(scal)
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in opt_meta["param_groups"]]
+        try:
+            optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"optimizer state in {ckpt} does not fit the optimizer: {e}") from e
+    extra = dict(state.get("extra", {}))
+    extra.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    return int(meta["step"]), extra

@@ -1,0 +1,193 @@
+"""The ``steerflow`` command line: help, a train → sample → eval → plot → reflow → distill round trip,
+one-line errors with exit code 2, and the quick demo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from steerflow.cli.main import COMMANDS, build_parser, main
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small networks run fastest on one thread (and do not oversubscribe a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["--model", "mlp-selu", "--hidden", "16", "--batch", "64", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("steerflow: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_every_subcommand_has_help(capsys):
+    build_parser()
+    expected = {"train", "sample", "reflow", "distill", "eval", "plot", "demo"}
+    assert expected <= set(COMMANDS)
+    for name in COMMANDS:
+        rc, out, _ = run_cli(capsys, name, "--help")
+        assert rc == 0 and out.startswith(f"usage: steerflow {name}"), name
+    rc, out, _ = run_cli(capsys, "--help")
+    assert rc == 0 and all(name in out for name in expected)
+    rc, _, err = run_cli(capsys)
+    assert rc == 2 and "usage" in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny 1-RF checkpoint (a few steps): enough to exercise every command."""
+    d = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data", "moons", "--steps", "40", "--out", str(d), *TINY]) == 0
+    return d
+
+
+def test_train_sample_eval_plot_round_trip(capsys, trained, tmp_path):
+    assert (trained / "latest.json").is_file() and (trained / "run.json").is_file()
+    info = json.loads((trained / "run.json").read_text())
+    assert info["data"] == "moons" and info["coupling"] == "independent"
+
+    out = tmp_path / "s.npy"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", trained, "--n", 50, "--steps", 4, "--method", "heun",
+                         "--out", out)
+    assert rc == 0, err
+    x = np.load(out)
+    assert x.shape == (50, 2) and np.isfinite(x).all()
+    rc, _, _ = run_cli(capsys, "sample", "--ckpt", trained, "--n", 50, "--steps", 4, "--method", "heun",
+                       "--out", tmp_path / "s2.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "s2.npy"), x)  # same seed, same samples
+    rc, _, _ = run_cli(capsys, "sample", "--ckpt", trained, "--n", 20, "--steps", 4, "--grid", "shifted",
+                       "--out", tmp_path / "s3.npy")
+    assert rc == 0 and np.load(tmp_path / "s3.npy").shape == (20, 2)
+
+    rc, out_text, err = run_cli(capsys, "eval", "--ckpt", trained, "--nfe", "1", "4", "--n", 100,
+                                "--out", tmp_path / "e.json")
+    assert rc == 0, err
+    assert "W2" in out_text and "NFE 4" in out_text
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert [s["setting"] for s in res["scores"]] == ["1", "4"]
+    assert [s["nfe"] for s in res["scores"]] == [1, 4]
+    assert all(s["w2"] > 0 and np.isfinite(s["energy"]) for s in res["scores"])
+
+    for argv in (["--samples", tmp_path / "s.npy", "--data", "moons"], ["--ckpt", trained, "--n", 100],
+                 ["--ckpt", trained, "--kind", "trajectories", "--n", 30]):
+        png = tmp_path / "p.png"
+        rc, _, err = run_cli(capsys, "plot", *argv, "--out", png)
+        assert rc == 0, err
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png.unlink()
+
+
+def test_reflow_then_distill(capsys, trained, tmp_path):
+    rf, ds = tmp_path / "2rf", tmp_path / "1step"
+    common = ["--n-pairs", 128, "--pair-method", "euler", "--pair-steps", 4, "--steps", 10, "--batch", 32, "--quiet"]
+    rc, _, err = run_cli(capsys, "reflow", "--ckpt", trained, "--out", rf, *common)
+    assert rc == 0, err
+    assert json.loads((rf / "run.json").read_text())["k"] == 2
+    assert (rf / "pairs.safetensors").is_file()
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", rf, "--out", ds, *common)
+    assert rc == 0, err
+    assert "128 pairs" in err  # new pairs from the 2-RF
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", rf, "--out", tmp_path / "1step-b", "--pairs",
+                         rf / "pairs.safetensors", "--steps", 5, "--quiet")
+    assert rc == 0 and "128 pairs" in err  # the reflow run's own pair file
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", rf, "--out", tmp_path / "1step-c", "--pairs",
+                         tmp_path / "none.safetensors")
+    assert_one_line_error(rc, err, "--pairs")
+    info = json.loads((ds / "run.json").read_text())
+    assert info["kind"] == "distilled" and info["default_steps"] == 1
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ds, "--n", 10, "--out", tmp_path / "d.npy")
+    assert rc == 0 and np.load(tmp_path / "d.npy").shape == (10, 2)
+
+
+def test_error_paths_are_one_line_with_exit_code_2(capsys, trained, tmp_path):
+    rc, _, err = run_cli(capsys, "train", "--data", "nosuchdata", "--steps", 1, "--out", tmp_path / "x", *TINY)
+    assert_one_line_error(rc, err, "nosuchdata")
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "missing.npy", "--steps", 1, "--out", tmp_path / "x")
+    assert_one_line_error(rc, err, "missing.npy")
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", tmp_path / "nope", "--out", tmp_path / "s.npy")
+    assert_one_line_error(rc, err, "nope")
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", trained, "--n", 0, "--out", tmp_path / "s.npy")
+    assert_one_line_error(rc, err, "--n")
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", trained, "--n", "ten", "--out", tmp_path / "s.npy")
+    assert_one_line_error(rc, err, "--n")
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", trained, "--data", "digits", "--n", 10)
+    assert rc == 2 and "Traceback" not in err  # wrong shapes (64-d digits vs a 2-d model), or digits missing
+    rc, _, err = run_cli(capsys, "train", "--steps", 1, "--out", trained, *TINY)
+    assert_one_line_error(rc, err, "--resume")  # refuses to overwrite a checkpoint
+
+    # a corrupt checkpoint: truncated weights
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    step_dir = next(p for p in bad.iterdir() if p.name.startswith("step-"))
+    (step_dir / "model.safetensors").write_bytes(b"\x00garbage")
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", bad, "--out", tmp_path / "s.npy", "--no-ema")
+    assert_one_line_error(rc, err, "cannot load checkpoint")
+    (step_dir / "config.json").write_text("{not json")
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", bad)
+    assert_one_line_error(rc, err, "cannot load checkpoint")
+
+    # a checkpoint whose stored config does not match its weights (a different model config)
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    cfg_path = next(p for p in other.iterdir() if p.name.startswith("step-")) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["config"]["width"] = 32
+    cfg_path.write_text(json.dumps(cfg))
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", other, "--out", tmp_path / "s.npy")
+    assert_one_line_error(rc, err, "does not match")
+    # resuming with a different model config
+    rc, _, err = run_cli(capsys, "train", "--data", "moons", "--steps", 50, "--out", trained, "--resume",
+                         "--model", "mlp-selu", "--hidden", "32", "--batch", "64", "--quiet")
+    assert_one_line_error(rc, err)
+
+
+def test_subprocess_entry_point_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-m", "steerflow", "sample", "--ckpt", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "s.npy")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith("steerflow: error: ") and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1
+
+
+def test_demo_quick_writes_its_files(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "demo", "--quick", "--out", tmp_path / "demo")
+    assert rc == 0, err
+    d = tmp_path / "demo"
+    for name in ("results.md", "results.json", "samples_by_nfe.png", "trajectories.png", "w2_vs_nfe.png",
+                 "losses.png"):
+        assert (d / name).is_file() and (d / name).stat().st_size > 0, name
+    res = json.loads((d / "results.json").read_text())
+    assert set(res["scores"]) == {"1-RF", "OT-CFM", "2-RF", "distilled"}
+    assert set(res["scores"]["OT-CFM"]) == {"1", "2", "4", "8", "dopri5"}
+    assert set(res["scores"]["distilled"]) == {"1"}
+    for model, by_nfe in res["scores"].items():
+        for s in by_nfe.values():
+            assert np.isfinite(s["w2"]) and s["w2"] > 0
+    # the straightening tools straighten, even at smoke-test sizes
+    assert res["straightness"]["2-RF"] < res["straightness"]["1-RF"]
+    assert "| 2-RF |" in (d / "results.md").read_text() and "W2" in out

@@ -1,0 +1,149 @@
+"""Guidance methods through the one sampler loop, against the exact Gaussian-mixture posterior."""
+import pytest
+import torch
+
+from steerflow import Cost, sample
+from steerflow.data.mixture import GaussianMixture
+from steerflow.metrics import energy_distance
+from steerflow.steering.guidance import (DDS, DPS, EnKG, GUIDANCES, DFlow, Dreamguider, ExactPosteriorGuidance,
+                                         FlowChef, Lookahead, OTODE, PnPFlow, SteerflowDefault, get_guidance)
+from steerflow.steering.operators import Dense, Mask, NonLinear
+
+D = torch.float64
+MIX = GaussianMixture([0.5, 0.5], [[-1.0, -1.0], [1.0, 1.0]], [[[0.25, 0.1], [0.1, 0.25]]] * 2)
+A = Dense(torch.tensor([[1.0, 0.0]], dtype=D))
+Y = torch.tensor([0.4], dtype=D)
+SIGMA = 0.3
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _run(guidance, n=256, steps=30, seed=0, cost=None, mixture=MIX):
+    x0 = torch.randn(n, mixture.dim, generator=_gen(seed), dtype=D)
+    return sample(mixture.velocity, x0, steps=steps, guidance=guidance, generator=_gen(seed + 1), cost=cost)
+
+
+def test_exact_guidance_reproduces_the_exact_posterior():
+    post = MIX.posterior(A.A, Y, SIGMA)
+    x = _run(ExactPosteriorGuidance(MIX, A, Y, SIGMA), n=1500, steps=100)
+    ref = post.sample(1500, _gen(10))
+    floor = energy_distance(post.sample(1500, _gen(11)), ref)
+    assert energy_distance(x, ref) < 3 * floor + 5e-3
+    mean = post.weights @ post.means
+    torch.testing.assert_close(x.mean(0), mean, atol=0.06, rtol=0)
+    cov = torch.cov(post.sample(20000, _gen(12)).T)
+    torch.testing.assert_close(torch.cov(x.T), cov, atol=0.08, rtol=0)
+
+
+@pytest.mark.parametrize("covariance", ["ensemble", "isotropic"])
+def test_default_is_exact_for_a_gaussian_prior(covariance):
+    """For a Gaussian prior the Gaussian-posterior correction is the exact posterior ODE."""
+    if covariance == "isotropic":
+        g = GaussianMixture([1.0], [[0.5, -0.3, 0.2]], [0.8])
+        kw = dict(prior_var=0.8)
+    else:
+        g = GaussianMixture([1.0], [[0.5, -0.3, 0.2]], [[[1.0, 0.6, 0.0], [0.6, 0.8, 0.2], [0.0, 0.2, 0.5]]])
+        kw = {}
+    op = Dense(torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -1.0]], dtype=D))
+    y = torch.tensor([0.7, -0.2], dtype=D)
+    post = g.posterior(op.A, y, 0.2)
+    x = _run(SteerflowDefault(op, y, 0.2, covariance=covariance, **kw), n=2000, steps=100, mixture=g)
+    torch.testing.assert_close(x.mean(0), post.means[0], atol=0.04, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), post.covs[0], atol=0.04, rtol=0)
+
+
+METHODS = {
+    "flowchef": lambda: FlowChef(A, Y, SIGMA, step_size=0.2),
+    "flowchef-loss": lambda: FlowChef(loss_fn=lambda x: 0.5 * (x[:, 0] - Y) ** 2, step_size=0.2),
+    "dps": lambda: DPS(A, Y, SIGMA, scale=0.05),
+    "dps-likelihood": lambda: DPS(A, Y, SIGMA, scale=0.5, normalize=False),
+    "lookahead": lambda: Lookahead(A, Y, SIGMA, k=3, scale=0.05),
+    "end-to-end": lambda: Lookahead(A, Y, SIGMA, k=None, scale=0.05),
+    "dflow": lambda: DFlow(A, Y, SIGMA, inner_steps=4, n_iter=4),
+    "dreamguider": lambda: Dreamguider(A, Y, SIGMA, scale=1.0),
+    "enkg": lambda: EnKG(A, Y, SIGMA, scale=0.1),
+    "enkg-groups": lambda: EnKG(A, Y, SIGMA, scale=0.1, ensemble_size=64, predictor_steps=2),
+    "dds": lambda: DDS(A, Y, SIGMA, gamma=1.0),
+    "otode": lambda: OTODE(A, Y, SIGMA),
+    "pnpflow": lambda: PnPFlow(A, Y, SIGMA, step_size=1.0),
+    "default": lambda: SteerflowDefault(A, Y, SIGMA),
+    "default-isotropic": lambda: SteerflowDefault(A, Y, SIGMA, covariance="isotropic"),
+}
+USES_VJP = {"dps", "dps-likelihood", "lookahead", "end-to-end", "dflow", "otode"}
+
+
+def _residual(x):
+    return float((x[:, 0] - Y).pow(2).mean())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_reduces_the_residual_and_counts_cost(name):
+    steps = 10 if name == "end-to-end" else 30
+    base = _residual(_run(None, steps=steps))
+    cost = Cost()
+    x = _run(METHODS[name](), steps=steps, cost=cost)
+    assert torch.isfinite(x).all()
+    assert _residual(x) < 0.5 * base
+    assert cost.nfe >= steps
+    if name == "dflow":  # A is only called inside the optimisation of x_0
+        assert cost.operator_calls > 0
+    elif name != "flowchef-loss":
+        assert cost.operator_calls >= steps
+    assert (cost.vjp > 0) == (name in USES_VJP)
+
+
+def test_lookahead_cost_scales_with_k():
+    c1, c3 = Cost(), Cost()
+    _run(Lookahead(A, Y, SIGMA, k=1), n=16, steps=10, cost=c1)
+    _run(Lookahead(A, Y, SIGMA, k=3), n=16, steps=10, cost=c3)
+    assert (c1.nfe, c1.vjp) == (10, 10)
+    assert (c3.nfe, c3.vjp) == (30, 30)
+
+
+def test_nan_measurement_is_refused():
+    for make in (lambda y: DPS(A, y, SIGMA), lambda y: SteerflowDefault(A, y, SIGMA), lambda y: EnKG(A, y, SIGMA)):
+        with pytest.raises(ValueError, match="NaN"):
+            make(torch.tensor([float("nan")], dtype=D))
+    with pytest.raises(ValueError, match="NaN"):
+        ExactPosteriorGuidance(MIX, A, torch.tensor([float("nan")], dtype=D), SIGMA)
+
+
+def test_shape_mismatch_and_wrong_operator_kind_errors():
+    with pytest.raises(ValueError, match="measures shape"):
+        DDS(A, torch.zeros(3, dtype=D), SIGMA)
+    with pytest.raises(ValueError, match="expects inputs of shape"):
+        _run(SteerflowDefault(Dense(torch.ones(1, 3, dtype=D)), Y, SIGMA), n=8, steps=2)
+    black_box = NonLinear(lambda x: x[:, :1] ** 3, differentiable=False)
+    with pytest.raises(TypeError, match="derivative-free"):
+        FlowChef(black_box, Y, SIGMA)
+    with pytest.raises(TypeError, match="linear operator"):
+        DDS(NonLinear(torch.tanh), Y, SIGMA)
+    with pytest.raises(ValueError, match="sigma"):
+        DPS(A, Y, -1.0)
+    with pytest.raises(ValueError, match="unknown guidance"):
+        get_guidance("dpsx", A, Y, SIGMA)
+
+
+def test_enkg_is_derivative_free_on_a_black_box():
+    black_box = NonLinear(lambda x: x[:, :1] ** 3, differentiable=False)
+    y = torch.tensor([0.3**3], dtype=D)
+    x = _run(EnKG(black_box, y, 0.05, scale=0.1), n=256)
+    base = _run(None, n=256)
+    assert float((x[:, 0] ** 3 - y).abs().mean()) < 0.5 * float((base[:, 0] ** 3 - y).abs().mean())
+
+
+def test_seeded_reproducibility_of_stochastic_methods():
+    for make in (lambda: PnPFlow(A, Y, SIGMA), lambda: DDS(A, Y, SIGMA, eta=0.5)):
+        torch.testing.assert_close(_run(make(), n=32, seed=3), _run(make(), n=32, seed=3))
+        assert not torch.allclose(_run(make(), n=32, seed=3), _run(make(), n=32, seed=4))
+
+
+def test_mask_measurement_on_vectors_and_registry():
+    op = Mask.coordinates(2, [0])
+    y = torch.tensor([0.4, 0.0], dtype=D)
+    x = _run(get_guidance("default", op, y, SIGMA), n=256)
+    assert _residual(x) < 0.5 * _residual(_run(None))
+    assert set(GUIDANCES) >= {"exact", "flowchef", "dps", "lookahead", "dflow", "dreamguider", "enkg", "dds", "otode",
+                              "pnpflow", "default"}
