@@ -5,8 +5,9 @@ A class-conditional MLP flow (64-D vectors, label dropout for the null class) is
 σ ∈ {0.01, 0.05} (pixels in [-1, 1]): box inpainting (centre 4×4 hidden), random inpainting (40 % of pixels
 observed), 2× super-resolution (2×2 average pooling), Gaussian deblur (5×5, std 1), denoising. Methods:
 unguided, FlowChef, DPS, DDS, EnKG, OT-ODE, PnP-Flow and steerflow's default, all through the one
-``steerflow.sample`` loop with 100 Euler steps on the unconditional (null-class) field, with the methods'
-default hyper-parameters (no per-task tuning). Class guidance: CFG and classifier guidance (a noise-aware
+``steerflow.sample`` loop with 100 Euler steps on the unconditional (null-class) field; each method's strength
+is chosen per task on validation digits (not the test digits) from ``TUNE_GRID`` (FlowChef: inner steps, step
+size and schedule jointly; ``--no-tune``: defaults). Class guidance: CFG and classifier guidance (a noise-aware
 classifier trained here) scored by a separately trained SVM on clean images.
 
 Metrics: PSNR and SSIM against the clean image, outputs clipped to [-1, 1], data range R = 2; SSIM with a
@@ -17,8 +18,10 @@ the peak of live tensor bytes allocated during the solve, replayed from per-op s
 order (op granularity; Python objects excluded), in a second, separate 5-step solve of the same batch (the
 live set of one step does not grow with the number of steps).
 
-Reproduce:  python benchmarks/bench_steering_learned.py            (about 30-40 min on one busy CPU core)
+Reproduce:  python benchmarks/bench_steering_learned.py            (about 5 min on one CPU core, longer when busy)
             python benchmarks/bench_steering_learned.py --quick    (smoke run)
+            python benchmarks/bench_steering_learned.py --methods flowchef,dps --merge
+                (re-tune and re-measure only those methods; the others' rows come from the existing JSON)
 """
 from __future__ import annotations
 
@@ -51,11 +54,17 @@ TASK_NAMES = {"box": "inpaint (box)", "random": "inpaint (random 40%)", "superre
               "deblur": "Gaussian deblur", "denoise": "denoise"}
 NOISES = (0.01, 0.05)
 ENKG_ENSEMBLE = 8
-TUNE_GRID = {"flowchef": (2.0, 1.0, 0.5, 0.2, 0.1, 0.03), "dps": (2.0, 1.0, 0.5, 0.2, 0.05),
+FLOWCHEF_GRID = tuple({"n_inner": k, "step_size": s, "schedule": w}
+                      for k in (1, 3, 5, 10) for s in (4.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.03)
+                      for w in ("constant", "linear"))
+"""FlowChef's real hyper-parameters: inner gradient steps per outer step (v held fixed, no network call),
+step size ``s`` on ``½‖y − A x̂_1‖²`` and its time schedule (``s_t = s`` or ``s (1 − t)``)."""
+TUNE_GRID = {"flowchef": FLOWCHEF_GRID, "dps": (2.0, 1.0, 0.5, 0.2, 0.05),
              "enkg": (1.0, 0.5, 0.2, 0.05, 0.01), "otode": (8.0, 4.0, 2.0, 1.0, 0.5),
              "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5)}
 """Values of each method's main strength tried on the validation images (the method's default included;
-FlowChef/PnP-Flow: step size, the others: scale). DDS and unguided have no strength knob."""
+PnP-Flow: step size, FlowChef: (n_inner, step size, schedule), the others: scale). DDS and unguided have no
+strength knob."""
 N_VAL = 8
 PROFILE_STEPS = 5
 
@@ -146,6 +155,23 @@ def profile_peak_bytes(fn) -> int:
     return int(peak)
 
 
+def strength_label(value) -> str:
+    """A grid value as text: a number, or ``k=…,s=…,schedule`` for FlowChef's settings."""
+    if isinstance(value, dict):
+        return f"k={value['n_inner']},s={value['step_size']:g},{value['schedule']}"
+    return str(value)
+
+
+def make_guidance(method, op, y, noise, strength):
+    """The method's guidance; ``strength`` is a number (its main knob, via ``build_method``) or a dict of
+    keyword arguments for the guidance's constructor (FlowChef's n_inner / step_size / schedule)."""
+    if isinstance(strength, dict):
+        from steerflow.steering.guidance import get_guidance
+
+        return get_guidance(method, op, y, noise, **strength)
+    return build_method(method, op, y, noise, scale=strength, ensemble_size=ENKG_ENSEMBLE)
+
+
 def run_inverse(v, x_true, task, noise, method, steps, seed, measure_memory=True, scale=None, repeats=1):
     gen = torch.Generator().manual_seed(seed)
     op = build_task(task, SHAPE, generator=torch.Generator().manual_seed(123))
@@ -155,7 +181,7 @@ def run_inverse(v, x_true, task, noise, method, steps, seed, measure_memory=True
     y_run = y.repeat_interleave(reps, 0)
 
     def solve(steps=steps):
-        guidance = build_method(method, op, y_run, noise, scale=scale, ensemble_size=ENKG_ENSEMBLE)
+        guidance = make_guidance(method, op, y_run, noise, scale)
         x0 = torch.randn(n * reps, *SHAPE, generator=torch.Generator().manual_seed(seed + 1))
         cost = Cost()
         out = steerflow.sample(v, x0, steps=steps, method="euler", guidance=guidance,
@@ -177,7 +203,7 @@ def run_inverse(v, x_true, task, noise, method, steps, seed, measure_memory=True
         "ssim": ssim(out, x_rep, DATA_RANGE, window_size=SSIM_WINDOW),
         "seconds_per_image": seconds / n,
         "peak_memory_mb": None if peak is None else peak / 2**20,
-        "nfe": cost.nfe, "vjp": cost.vjp,
+        "nfe": cost.nfe, "vjp": cost.vjp, "operator_calls": cost.operator_calls,
         "particles_per_image": reps, "strength": scale,
     }
 
@@ -190,17 +216,21 @@ def tune(v, x_val, methods, noises, steps):
         for m in methods:
             if m not in TUNE_GRID:
                 continue
-            scores = {}
+            scores, values = {}, {}
             for value in TUNE_GRID[m]:
+                label = strength_label(value)
+                values[label] = value
                 try:
-                    scores[value] = float(np.mean([run_inverse(v, x_val, task, noise, m, steps, seed=7,
-                                                               measure_memory=False, scale=value)["psnr"]
-                                                   for noise in noises]))
+                    score = float(np.mean([run_inverse(v, x_val, task, noise, m, steps, seed=7,
+                                                       measure_memory=False, scale=value)["psnr"]
+                                           for noise in noises]))
                 except FloatingPointError:  # the solve diverged at this strength
-                    scores[value] = float("-inf")
-            best = max(scores, key=scores.get)
-            chosen[task][m], table[task][m] = best, {str(k): round(val, 3) for k, val in scores.items()}
-            print(f"  tune {task:9s} {m:9s} " + " ".join(f"{k}:{val:.2f}" for k, val in scores.items())
+                    score = float("-inf")
+                scores[label] = score if np.isfinite(score) else float("-inf")
+            best = max(scores, key=scores.get)  # first of equal scores wins (grid order)
+            chosen[task][m], table[task][m] = values[best], {k: round(val, 3) for k, val in scores.items()}
+            shown = sorted(scores.items(), key=lambda kv: -kv[1])[:5] if len(scores) > 8 else scores.items()
+            print(f"  tune {task:9s} {m:9s} " + " ".join(f"{k}:{val:.2f}" for k, val in shown)
                   + f" -> {best}", flush=True)
     return chosen, table
 
@@ -264,17 +294,31 @@ def write_markdown(res: dict, path: Path, cmd: str) -> None:
               "| method | " + " | ".join(TASK_NAMES[t] for t in TASKS) + " |", "|---|" + "---|" * len(TASKS)]
         for m in methods:
             if any(m in res["strength"][t] for t in TASKS):
-                L.append(f"| {m} | " + " | ".join(str(res["strength"][t].get(m, "—")) for t in TASKS) + " |")
+                L.append(f"| {m} | " + " | ".join(strength_label(res["strength"][t][m]) if m in res["strength"][t]
+                                                  else "—" for t in TASKS) + " |")
         L.append("")
     L += ["## FlowChef vs DPS (the issue's target: PSNR within 0.5 dB, ≥ 1.5× faster, less peak memory)", "",
-          "| task | σ | ΔPSNR FlowChef − DPS (dB) | speed-up DPS/FlowChef | peak MB FlowChef / DPS | target met |",
-          "|---|---|---|---|---|---|"]
+          "| task | σ | FlowChef setting | ΔPSNR FlowChef − DPS (dB) | ms/img FlowChef / DPS | speed-up DPS/FlowChef "
+          "| peak MB FlowChef / DPS | NFE / VJP / A-calls FlowChef | NFE / VJP / A-calls DPS | target met |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for row in res["flowchef_vs_dps"]:
-        L.append(f"| {TASK_NAMES[row['task']]} | {row['noise']} | {row['delta_psnr']:+.2f} | {row['speedup']:.2f}× | "
-                 f"{row['mem_flowchef']:.2f} / {row['mem_dps']:.2f} | {'yes' if row['met'] else 'no'} |")
+        setting = row.get("flowchef_setting")
+        cf, cd = row.get("cost_flowchef") or {}, row.get("cost_dps") or {}
+        L.append(f"| {TASK_NAMES[row['task']]} | {row['noise']} | {strength_label(setting) if setting is not None else '—'} "
+                 f"| {row['delta_psnr']:+.2f} | {row.get('ms_flowchef', float('nan')):.1f} / "
+                 f"{row.get('ms_dps', float('nan')):.1f} | {row['speedup']:.2f}× | "
+                 f"{row['mem_flowchef']:.2f} / {row['mem_dps']:.2f} | "
+                 f"{cf.get('nfe')} / {cf.get('vjp')} / {cf.get('operator_calls')} | "
+                 f"{cd.get('nfe')} / {cd.get('vjp')} / {cd.get('operator_calls')} | {'yes' if row['met'] else 'no'} |")
     s = res["flowchef_vs_dps_summary"]
     L += ["", f"Target met on {s['met']} of {s['total']} task/noise settings "
-              f"(PSNR within 0.5 dB: {s['psnr_ok']}, ≥ 1.5× faster: {s['speed_ok']}, less memory: {s['mem_ok']}).", ""]
+              f"(PSNR within 0.5 dB: {s['psnr_ok']}, ≥ 1.5× faster: {s['speed_ok']}, less memory: {s['mem_ok']}). "
+              "NFE = network evaluations, VJP = backward passes through the network, A-calls = operator "
+              "applications (FlowChef's inner steps cost only these), per batched solve.", ""]
+    if res.get("merged"):
+        L += [f"Merged run: {', '.join(res['merged']['rerun'])} re-tuned and re-measured in this run; the rows of "
+              f"{', '.join(res['merged']['kept'])} and the class-guidance table come from the previous full run "
+              "(same seeds, images and protocol; their timings are from that run).", ""]
     if res.get("class"):
         L += ["## Class guidance (accuracy of a separately trained RBF-SVM on the generated digits)", "",
               "| setting | accuracy | ms/img | NFE | VJP |", "|---|---|---|---|---|"]
@@ -297,6 +341,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tune", action="store_true", help="use every method's default strength")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8 images, 20 steps, one noise level (smoke run)")
+    ap.add_argument("--merge", action="store_true",
+                    help="rerun (tune + test) only --methods and keep every other method's rows, strengths and the "
+                         "class-guidance table from the existing --out JSON (which must come from a full run)")
     ap.add_argument("--out", default=str(RESULTS / "steering_learned"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -314,6 +361,14 @@ def main(argv=None) -> int:
                        == test_set.labels.numpy()).mean())
     x_true = test_set.x[: args.n_images]
     methods = [m for m in args.methods.split(",") if m]
+    previous = None
+    if args.merge:
+        prev_path = Path(args.out).with_suffix(".json")
+        if not prev_path.exists():
+            raise SystemExit(f"--merge needs an existing result at {prev_path}")
+        previous = json.loads(prev_path.read_text())
+        if previous["config"].get("quick") != args.quick or previous["config"].get("steps") != args.steps:
+            raise SystemExit("--merge: the existing result was made with other --quick/--steps settings")
     for p in model.parameters():
         p.requires_grad_(False)
     res = {"setup": (f"Flow: MLPVelocity(dim=64, hidden=512, depth=4, n_classes=10, label dropout 0.15), "
@@ -324,12 +379,21 @@ def main(argv=None) -> int:
                      f"defaults). torch {torch.__version__}, 1 thread."),
            "methods": methods, "inverse": {}, "judge_test_accuracy": judge_acc,
            "config": vars(args)}
+    res["setup"] += (" FlowChef is tuned over n_inner ∈ {1, 3, 5, 10} inner gradient steps (v held fixed: no extra "
+                     "network call), step size ∈ {4, 2, 1, 0.5, 0.2, 0.1, 0.03} and schedule ∈ {constant, linear}.")
     noises = NOISES[1:] if args.quick else NOISES
     if args.no_tune:
         chosen = {task: {} for task in TASKS}
     else:
         x_val = test_set.x[args.n_images: args.n_images + N_VAL]
         chosen, res["tuning"] = tune(model, x_val, methods, noises, args.steps)
+    if previous is not None:  # keep the other methods' tuning from the full run
+        for task in TASKS:
+            for m, val in previous.get("strength", {}).get(task, {}).items():
+                chosen[task].setdefault(m, val)
+            if "tuning" in res:
+                for m, val in previous.get("tuning", {}).get(task, {}).items():
+                    res["tuning"][task].setdefault(m, val)
     res["strength"] = chosen
     for noise in noises:
         for task in TASKS:
@@ -341,6 +405,16 @@ def main(argv=None) -> int:
                 res["inverse"][key][m] = r
                 print(f"  {key:16s} {m:10s} PSNR={r['psnr']:6.2f} SSIM={r['ssim']:.3f} "
                       f"{r['seconds_per_image'] * 1e3:7.2f} ms/img  peak={r['peak_memory_mb']} MB", flush=True)
+    if previous is not None:
+        rerun = list(methods)
+        res["methods"] = list(previous["methods"]) + [m for m in methods if m not in previous["methods"]]
+        for key, rows in previous["inverse"].items():
+            for m, r in rows.items():
+                res["inverse"].setdefault(key, {}).setdefault(m, r)
+            res["inverse"][key] = {m: res["inverse"][key][m] for m in res["methods"] if m in res["inverse"][key]}
+        res["merged"] = {"rerun": rerun, "kept": [m for m in res["methods"] if m not in rerun],
+                         "previous_setup": previous["setup"]}
+        methods = res["methods"]
     comp = []
     if "flowchef" in methods and "dps" in methods:
         for key, rows in res["inverse"].items():
@@ -350,12 +424,21 @@ def main(argv=None) -> int:
             mf, md = f["peak_memory_mb"] or float("nan"), d["peak_memory_mb"] or float("nan")
             comp.append({"task": task, "noise": float(noise), "delta_psnr": dp, "speedup": sp, "mem_flowchef": mf,
                          "mem_dps": md, "psnr_ok": dp >= -0.5, "speed_ok": sp >= 1.5, "mem_ok": mf < md,
-                         "met": dp >= -0.5 and sp >= 1.5 and mf < md})
+                         "met": dp >= -0.5 and sp >= 1.5 and mf < md,
+                         "flowchef_setting": res["strength"][task].get("flowchef"),
+                         "ms_flowchef": f["seconds_per_image"] * 1e3, "ms_dps": d["seconds_per_image"] * 1e3,
+                         "cost_flowchef": {k: f.get(k) for k in ("nfe", "vjp", "operator_calls")},
+                         "cost_dps": {k: d.get(k) for k in ("nfe", "vjp", "operator_calls")}})
     res["flowchef_vs_dps"] = comp
     res["flowchef_vs_dps_summary"] = {k: sum(c[k] for c in comp) for k in ("met", "psnr_ok", "speed_ok", "mem_ok")}
     res["flowchef_vs_dps_summary"]["total"] = len(comp)
-    res["class"] = run_class(model, noisy_clf, judge, args.n_per_class, args.steps, seed=0)
+    if previous is not None:
+        res["class"] = previous.get("class", {})
+    else:
+        res["class"] = run_class(model, noisy_clf, judge, args.n_per_class, args.steps, seed=0)
     cmd = "python benchmarks/bench_steering_learned.py" + (" --quick" if args.quick else "")
+    if args.merge:
+        cmd = (cmd + "  (full run), then  " + cmd + f" --methods {','.join(res['merged']['rerun'])} --merge")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))

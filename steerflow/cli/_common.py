@@ -103,6 +103,13 @@ class RunInfo:
     ``kind`` is ``flow`` (trained by flow matching with ``coupling``), ``reflow`` (a ``k``-rectified flow)
     or ``distilled`` (one-step: sample with one Euler step). ``default_steps``/``default_method`` are what
     ``steerflow sample`` uses when not told.
+
+    A flow on a manifold (``steerflow train --manifold sphere2``) also records ``manifold`` (the spec for
+    :func:`steerflow.manifolds.get_manifold`) and ``network`` (``{"name", "config"}`` of the registered
+    network wrapped in :class:`~steerflow.manifolds.TangentVelocity`, which has no registry name of its
+    own), so :func:`load_flow` rebuilds ``TangentVelocity(build_model(name, **config), M)``; ``split`` /
+    ``split_seed`` say which part of the data it was trained on (``None``: all of it; ``"train"``: the
+    80 % part of the 80/10/10 split drawn with ``split_seed``).
     """
 
     data: str | None = None
@@ -115,6 +122,10 @@ class RunInfo:
     default_steps: int = 100
     default_method: str = "euler"
     extra: dict = field(default_factory=dict)
+    manifold: str | None = None
+    network: dict | None = None
+    split: str | None = None
+    split_seed: int | None = None
 
     def save(self, directory: str | os.PathLike) -> None:
         write_json(Path(directory) / RUN_FILE, asdict(self))
@@ -232,15 +243,27 @@ def _msg(e: BaseException) -> str:
 
 @dataclass
 class Loaded:
-    """A model restored from a checkpoint directory with its :class:`RunInfo`."""
+    """A model restored from a checkpoint directory with its :class:`RunInfo`.
+
+    ``manifold`` is the :class:`~steerflow.manifolds.AbstractManifold` of a flow trained with
+    ``--manifold`` (the model is then a ``TangentVelocity``; sample from ``manifold.random_base`` with
+    ``geometry=manifold``), else None.
+    """
 
     model: torch.nn.Module
     info: RunInfo
     directory: Path
+    manifold: Any = None
 
 
-def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu") -> Loaded:
-    """Restore the velocity model in ``directory`` (EMA weights when present and ``ema``), in eval mode."""
+def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu",
+              allow_manifold: bool = False) -> Loaded:
+    """Restore the velocity model in ``directory`` (EMA weights when present and ``ema``), in eval mode.
+
+    A checkpoint of a flow on a manifold is refused unless ``allow_manifold`` (commands that know how to
+    sample it with ``geometry=`` pass it); it is rebuilt from ``run.json`` as
+    ``TangentVelocity(network, M)``.
+    """
     from ..training import load_checkpoint
 
     d = Path(directory)
@@ -249,6 +272,11 @@ def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.d
     if not d.is_dir():
         raise CLIError(f"--ckpt: expected a checkpoint directory, got the file {str(d)!r}")
     info = RunInfo.load(d)
+    if info.manifold is not None:
+        if not allow_manifold:
+            raise CLIError(f"--ckpt {str(d)!r} holds a flow on the manifold {info.manifold}; this command "
+                           "works on flat flows only (sample, eval and plot take manifold checkpoints)")
+        return _load_manifold_flow(d, info, ema=ema, device=device)
     try:
         ckpt = load_checkpoint(d, device=device)
     except FileNotFoundError as e:
@@ -258,6 +286,116 @@ def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.d
     model = ckpt.ema_model if (ema and ckpt.ema_model is not None) else ckpt.model
     model.to(device).eval()
     return Loaded(model=model, info=info, directory=d)
+
+
+# --- flows on manifolds ------------------------------------------------------------------------------
+MANIFOLD_EXAMPLES = ("sphere2", "torus2", "so3", "hyperbolic2", "euclidean3", "sphere2xtorus1")
+"""Specs shown in error messages (any ``<name><n>`` of :data:`steerflow.manifolds.MANIFOLDS` and products)."""
+
+
+def manifold_of(spec: str):
+    """``get_manifold(spec)`` with a one-line error listing the options."""
+    from ..manifolds import MANIFOLDS, get_manifold
+
+    try:
+        return get_manifold(spec)
+    except (ValueError, TypeError) as e:
+        names = sorted(k + "<n>" for k in MANIFOLDS if k != "so3") + ["so3"]
+        raise CLIError(f"--manifold {spec!r}: unknown manifold ({_msg(e)}); expected one of {', '.join(names)} "
+                       f"or a product joined by 'x', e.g. {', '.join(MANIFOLD_EXAMPLES)}") from None
+
+
+def load_manifold_data(name: str, manifold) -> torch.Tensor:
+    """Points on ``manifold`` (n, *M.shape) float32 from ``name``.
+
+    On ``sphere2``: an earth catalogue (``volcano``, ``earthquake``, ``flood``; see
+    :func:`steerflow.data.earth.load_earth`), any CSV of latitude/longitude pairs in degrees
+    (:func:`~steerflow.data.earth.load_latlon_csv`) or a ``.npy`` of unit vectors (n, 3). On any manifold:
+    a ``.npy`` of points in ambient coordinates, checked with ``manifold.check_point``.
+    """
+    from ..data.earth import EARTH_DATASETS, load_earth, load_latlon_csv
+
+    p = Path(name)
+    is_sphere2 = manifold.name == "sphere2"
+    try:
+        if name in EARTH_DATASETS or p.suffix.lower() == ".csv":
+            if not is_sphere2:
+                raise CLIError(f"--data {name!r}: earth catalogues and latitude/longitude CSV files are points on "
+                               f"sphere2, not on {manifold.name}; give a .npy of points on {manifold.name}")
+            x = load_earth(name) if name in EARTH_DATASETS else load_latlon_csv(p)
+        elif p.suffix.lower() == ".npy":
+            if not p.is_file():
+                raise CLIError(f"--data {name!r}: no such file")
+            arr = np.load(p, allow_pickle=False)
+            if not np.issubdtype(arr.dtype, np.number):
+                raise CLIError(f"--data {name!r}: expected a numeric array, got dtype {arr.dtype}")
+            x = torch.as_tensor(arr).float()
+        else:
+            what = "'volcano', 'earthquake', 'flood', a latitude/longitude .csv or " if is_sphere2 else ""
+            raise CLIError(f"--data {name!r}: on {manifold.name} expected {what}a .npy of points of shape "
+                           f"(n, {', '.join(map(str, manifold.shape))})")
+    except FileNotFoundError as e:
+        raise CLIError(f"--data {name!r}: {_msg(e)}") from None
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--data {name!r}: {_msg(e)}") from None
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise CLIError(f"--data {name!r}: no points")
+    try:
+        manifold.check_point(x)
+    except ValueError as e:
+        raise CLIError(f"--data {name!r}: {_msg(e)}") from None
+    return x
+
+
+SPLITS = ("all", "train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def split_points(x: torch.Tensor, split: str | None, seed: int) -> torch.Tensor:
+    """The ``split`` part of the random 80/10/10 train/validation/test split drawn with ``seed``
+    (:func:`steerflow.data.earth.random_split` with ``torch.Generator().manual_seed(seed)``: the protocol
+    of ``benchmarks/bench_earth.py``); ``None``/``"all"``: every point."""
+    from ..data.earth import random_split
+
+    if split in (None, "all"):
+        return x
+    if split not in SPLITS:
+        raise CLIError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    parts = random_split(x, SPLIT_FRACTIONS, generator=generator(seed))
+    out = parts[SPLITS.index(split) - 1]
+    if out.shape[0] < 1:
+        raise CLIError(f"--split {split}: the data has {x.shape[0]} points, too few for an 80/10/10 split")
+    return out
+
+
+def build_manifold_model(manifold, network: dict):
+    """``TangentVelocity(build_model(network["name"], **network["config"]), manifold)``."""
+    from ..manifolds import TangentVelocity
+    from ..models import build_model
+
+    return TangentVelocity(build_model(network["name"], **network["config"]), manifold)
+
+
+def _load_manifold_flow(d: Path, info: RunInfo, *, ema: bool, device) -> Loaded:
+    from ..training import load_state, read_config
+
+    manifold = manifold_of(info.manifold)
+    net = info.network
+    if not (isinstance(net, dict) and isinstance(net.get("name"), str) and isinstance(net.get("config"), dict)):
+        raise CLIError(f"{str(d / RUN_FILE)!r} is corrupt: a manifold run needs 'network': {{'name', 'config'}}, "
+                       f"got {net!r}")
+    try:
+        model = build_manifold_model(manifold, net)
+        has_ema = "ema" in read_config(d)["files"]
+        ema_model = build_manifold_model(manifold, net) if (ema and has_ema) else None
+        load_state(d, model, ema=ema_model)
+    except FileNotFoundError as e:
+        raise CLIError(f"--ckpt {str(d)!r}: incomplete checkpoint ({_msg(e)})") from None
+    except Exception as e:
+        raise CLIError(f"--ckpt {str(d)!r}: cannot load checkpoint ({_msg(e)})") from None
+    model = ema_model if ema_model is not None else model
+    model.to(device).eval()
+    return Loaded(model=model, info=info, directory=d, manifold=manifold)
 
 
 def save_flow(model: torch.nn.Module, directory: str | os.PathLike, info: RunInfo, *, step: int,

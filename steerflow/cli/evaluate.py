@@ -1,7 +1,14 @@
-"""``steerflow eval``: sample quality (W2, energy distance) against NFE, and straightness, of a checkpoint."""
+"""``steerflow eval``: sample quality (W2, energy distance) against NFE, and straightness, of a checkpoint.
+
+For a checkpoint trained with ``--manifold M`` it reports the test negative log-likelihood in nats with
+respect to ``M``'s Riemannian volume, ``-log p_1(x) = -log p_base(x_0) + ∫_0^1 div_g v(x_t, t) dt``
+(:func:`steerflow.manifolds.manifold_log_likelihood`; Chen & Lipman 2024, eq. 7), next to the base
+distribution's NLL (``log 4π = 2.531`` for the uniform distribution on ``S²``).
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -88,18 +95,90 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", nargs="+", type=C.nfe_spec, default=None,
                    help="solver settings: integers are Euler step counts, 'dopri5' is adaptive "
                         f"(default: {' '.join(DEFAULT_NFE)}; 1 for a distilled model)")
-    p.add_argument("--n", type=C.positive_int, default=2000, help="generated and reference samples (W2 is O(n^3))")
+    p.add_argument("--n", type=C.positive_int, default=2000, help="generated and reference samples (W2 is O(n^3)); for a manifold checkpoint, "
+                        "the most data points scored (a random subset beyond that)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: <ckpt>/eval.json)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    C.add_seed(p)
+    p.add_argument("--seed", type=C.nonneg_int, default=None,
+                   help="random seed (default 0); for a manifold checkpoint it also draws the 80/10/10 split "
+                        "(default: the seed the checkpoint's training split was drawn with)")
     C.add_device(p)
+    man = p.add_argument_group("manifold checkpoints (test NLL)")
+    man.add_argument("--split", choices=C.SPLITS, default=None,
+                     help="which part of --data to score: the train/val/test part of the random 80/10/10 split "
+                          "drawn with --seed, or all (default: test when the checkpoint was trained with "
+                          "--split train, else all)")
+    man.add_argument("--method", choices=("euler", "midpoint", "heun", "rk4", "dopri5"), default="rk4",
+                     help="ODE solver of the likelihood")
+    man.add_argument("--steps", type=C.positive_int, default=64, help="solver steps (not for dopri5)")
+    man.add_argument("--batch", type=C.positive_int, default=1024, help="points per likelihood solve")
+
+
+def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
+    """Test NLL of a flow on a manifold: ``-mean log p_1(x)`` over the points of ``--data`` (``--split``)."""
+    from ..manifolds import manifold_log_likelihood
+    from ..metrics.cost import Cost
+
+    M, info = loaded.manifold, loaded.info
+    if args.nfe is not None:
+        raise CLIError("--nfe applies to flat checkpoints; for a manifold checkpoint choose the likelihood "
+                       "solver with --method/--steps")
+    data_name = args.data or info.data
+    if data_name is None:
+        raise CLIError(f"--data is needed: {args.ckpt!r} does not record its dataset")
+    split = args.split or ("test" if info.split == "train" else "all")
+    seed = args.seed if args.seed is not None else (info.split_seed if info.split_seed is not None else 0)
+    if split == "train" or (split == "all" and info.split == "train" and data_name == info.data):
+        print(f"note: split {split!r} contains the training points", file=sys.stderr)
+    if (split in ("val", "test") and info.split == "train" and data_name == info.data
+            and info.split_seed is not None and seed != info.split_seed):
+        print(f"note: the checkpoint was trained on the split drawn with seed {info.split_seed}; seed {seed} "
+              "draws another split, whose test points may have been trained on", file=sys.stderr)
+    x = C.split_points(C.load_manifold_data(data_name, M), split, seed)
+    if x.shape[0] > args.n:  # a random subset of n points
+        x = x[torch.randperm(x.shape[0], generator=C.generator(seed + 1))[:args.n]]
+    device = next(loaded.model.parameters()).device
+    ode = {"method": args.method} if args.method == "dopri5" else {"method": args.method, "steps": args.steps}
+    cost = Cost()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():  # the divergence turns gradients on for x only
+            logp = torch.cat([manifold_log_likelihood(loaded.model, xb.to(device), M, cost=cost, **ode).cpu()
+                              for xb in torch.split(x, args.batch)]).double()
+    except RuntimeError as e:
+        raise CLIError(f"the likelihood on {M.name} failed ({C._msg(e)})") from None
+    sec = time.perf_counter() - t0
+    if not torch.isfinite(logp).all():
+        raise CLIError(f"the log-likelihood is not finite at {int((~torch.isfinite(logp)).sum())} of "
+                       f"{logp.numel()} points (try --method dopri5 or more --steps)")
+    nll = float(-logp.mean())
+    se = float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
+    base = float(-M.base_log_prob(x.double()).mean())
+    print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} (split {split}, seed {seed})")
+    solver = args.method if args.method == "dopri5" else f"{args.method}, {args.steps} steps"
+    print("\n| model | NLL (nats) |\n|---|---:|")
+    print(f"| base distribution of {M.name} | {base:.3f} |")
+    print(f"| flow ({solver}) | {nll:.3f} ± {se:.3f} |")
+    out = Path(args.out) if args.out else loaded.directory / "eval.json"
+    C.write_json(out, {"ckpt": str(args.ckpt), "manifold": M.name, "data": data_name, "split": split, "seed": seed,
+                       "n": int(x.shape[0]), "nll": nll, "nll_stderr": se, "base_nll": base,
+                       "ode": ode, "nfe": cost.nfe, "seconds": sec,
+                       "units": "nats, w.r.t. the Riemannian volume of the manifold"})
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from ..metrics import straightness
 
     device = C.device_of(args.device)
-    loaded = C.load_flow(args.ckpt, ema=args.ema, device=device)
+    loaded = C.load_flow(args.ckpt, ema=args.ema, device=device, allow_manifold=True)
+    if loaded.manifold is not None:
+        return run_manifold(args, loaded)
+    if args.split is not None:
+        raise CLIError("--split applies to manifold checkpoints only")
+    if args.seed is None:
+        args.seed = 0
     data_name = args.data or loaded.info.data
     if data_name is None:
         raise CLIError(f"--data is needed: {args.ckpt!r} does not record its dataset")
@@ -135,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register(Command("eval", "W2 / energy distance vs NFE, and straightness, of a checkpoint", configure, run,
+register(Command("eval", "W2 / energy distance vs NFE and straightness; test NLL on a manifold", configure, run,
                  description="Evaluate sample quality against fresh data samples.\n"
-                             "Example:  steerflow eval --ckpt runs/ot --nfe 1 4 100 dopri5"))
+                             "Example:  steerflow eval --ckpt runs/ot --nfe 1 4 100 dopri5\n"
+                             "On the sphere (test NLL):  steerflow eval --ckpt runs/volcano --data volcano "
+                             "--split test --seed 0"))

@@ -1,4 +1,9 @@
-"""``steerflow sample``: draw samples from a checkpoint with a chosen solver and time grid."""
+"""``steerflow sample``: draw samples from a checkpoint with a chosen solver and time grid.
+
+A checkpoint trained with ``--manifold M`` is sampled by the same solver loop from ``x_0 ~ M.random_base``
+with ``geometry=M`` (every step retracts onto ``M``); on ``sphere2`` the samples can be written as
+latitude/longitude in degrees (``--latlon``, or an ``--out`` ending in ``.csv``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +23,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=C.positive_int, default=None,
                    help="solver steps (default: 1 for a distilled model, else 100; dopri5 is adaptive)")
     p.add_argument("--method", choices=METHODS, default=None, help="step rule (default: euler)")
-    p.add_argument("--out", default="samples.npy", help="output .npy file, shape (n, *d)")
+    p.add_argument("--out", default="samples.npy",
+                   help="output .npy file, shape (n, *d); for a sphere2 checkpoint also a .csv of lat,lon")
+    p.add_argument("--latlon", action="store_true",
+                   help="sphere2 checkpoints: write latitude/longitude in degrees, (n, 2), instead of unit "
+                        "vectors (n, 3) (implied by an --out ending in .csv)")
     C.add_seed(p)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights when the checkpoint has them")
@@ -31,15 +40,21 @@ def configure(p: argparse.ArgumentParser) -> None:
 def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, seed: int, grid: str = "uniform",
          shift: float = 3.0, batch: int = 4096, device: torch.device | str = "cpu",
          return_source: bool = False):
-    """Sample ``n`` points from a loaded checkpoint: ``x_0 ~ source``, then the ODE solve."""
+    """Sample ``n`` points from a loaded checkpoint: ``x_0 ~ source``, then the ODE solve.
+
+    For a manifold checkpoint ``x_0 ~ M.random_base`` and the solve runs with ``geometry=M``.
+    """
     from ..solvers import sample, shifted_grid, uniform_grid
 
     info = loaded.info
     method = method or info.default_method
     steps = steps or info.default_steps
-    event_shape = tuple(loaded.model.event_shape)
     g = C.generator(seed)
-    x_0 = C.source_sampler(info.source, event_shape)(n, g)
+    manifold = getattr(loaded, "manifold", None)
+    if manifold is None:
+        x_0 = C.source_sampler(info.source, tuple(loaded.model.event_shape))(n, g)
+    else:
+        x_0 = manifold.random_base(n, g)
     ts = None
     if method != "dopri5":
         ts = shifted_grid(steps, shift) if grid == "shifted" else uniform_grid(steps)
@@ -47,23 +62,56 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
     with torch.no_grad():
         for i in range(0, n, batch):
             xb = x_0[i:i + batch].to(device)
-            out.append(sample(loaded.model, xb, ts=ts, method=method, generator=g).cpu())
+            out.append(sample(loaded.model, xb, ts=ts, method=method, generator=g, geometry=manifold).cpu())
     x_1 = torch.cat(out)
     return (x_0, x_1) if return_source else x_1
 
 
+def write_latlon(path: str, x: torch.Tensor) -> None:
+    """Write points on ``S²`` (n, 3) as latitude/longitude in degrees: a ``.csv`` with a ``lat,lon`` header
+    or a ``.npy`` of shape (n, 2)."""
+    import numpy as np
+
+    from ..data.earth import xyz_to_latlon
+
+    lat, lon = xyz_to_latlon(x.double())
+    ll = torch.stack([lat, lon], -1).numpy()
+    if str(path).lower().endswith(".csv"):
+        from pathlib import Path
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        np.savetxt(tmp, ll, delimiter=",", header="lat,lon", comments="", fmt="%.6f")
+        tmp.replace(p)
+    else:
+        C.save_npy(path, ll)
+
+
 def run(args: argparse.Namespace) -> int:
     device = C.device_of(args.device)
-    if not str(args.out).endswith(".npy"):
-        raise CLIError(f"--out must be a .npy file, got {args.out!r}")
-    loaded = C.load_flow(args.ckpt, ema=args.ema, device=device)
+    out = str(args.out)
+    if not out.lower().endswith((".npy", ".csv")):
+        raise CLIError(f"--out must be a .npy file (or a .csv for --latlon), got {args.out!r}")
+    loaded = C.load_flow(args.ckpt, ema=args.ema, device=device, allow_manifold=True)
+    latlon = args.latlon or out.lower().endswith(".csv")
+    name = loaded.manifold.name if loaded.manifold is not None else None
+    if latlon and name != "sphere2":
+        what = f"a flow on {name}" if name else "a flat flow"
+        raise CLIError(f"--latlon and .csv output are for sphere2 checkpoints; {args.ckpt!r} holds {what} "
+                       "(write a .npy)")
     x = draw(loaded, args.n, steps=args.steps, method=args.method, seed=args.seed, grid=args.grid, shift=args.shift,
              batch=args.batch, device=device)
-    C.save_npy(args.out, x.numpy())
-    print(f"wrote {tuple(x.shape)} samples to {args.out}", file=sys.stderr)
+    if latlon:
+        write_latlon(out, x)
+        print(f"wrote {x.shape[0]} samples as latitude/longitude (degrees) to {out}", file=sys.stderr)
+    else:
+        C.save_npy(out, x.numpy())
+        print(f"wrote {tuple(x.shape)} samples to {out}", file=sys.stderr)
     return 0
 
 
 register(Command("sample", "draw samples from a checkpoint into a .npy file", configure, run,
                  description="Integrate the flow from source noise.\n"
-                             "Example:  steerflow sample --ckpt runs/ot --n 2000 --steps 4 --method euler --out s.npy"))
+                             "Example:  steerflow sample --ckpt runs/ot --n 2000 --steps 4 --method euler --out s.npy\n"
+                             "On the sphere:  steerflow sample --ckpt runs/volcano --n 2000 --out s.csv"))

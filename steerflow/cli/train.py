@@ -1,9 +1,17 @@
-"""``steerflow train``: flow matching on a named or file dataset, with a chosen coupling and path."""
+"""``steerflow train``: flow matching on a named or file dataset, with a chosen coupling and path.
+
+With ``--manifold M`` the same :func:`steerflow.training.train` runs Riemannian Flow Matching (Chen &
+Lipman 2024): network ``TangentVelocity(MLP, M)`` (``v_θ(x, t) = P_x f_θ(x, t)``), path
+``GeodesicPath(M)`` (``x_t = exp_{x_0}(t log_{x_0} x_1)``, loss ``|v_θ(x_t, t) - ẋ_t|²_{x_t}``), source
+``M.random_base`` (uniform on compact manifolds), independent coupling.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+import torch
 
 from . import _common as C
 from .main import CLIError, Command, register
@@ -37,6 +45,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unconditional", action="store_true",
                    help="ignore the labels of a labelled dataset (default: class-conditional with a null class)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--manifold", default=None,
+                   help="train a flow on this manifold (sphere2, torus2, so3, hyperbolic2, products such as "
+                        "sphere2xtorus1): Riemannian flow matching with geodesic paths from the uniform/base "
+                        "distribution. --data is then volcano, earthquake, flood or a lat/lon .csv (sphere2), "
+                        "or a .npy of points on the manifold")
+    p.add_argument("--split", choices=("all", "train"), default="all",
+                   help="with --manifold: train on all points, or on the 80%% part of the random 80/10/10 "
+                        "split drawn with --seed (then 'steerflow eval --split test' scores the held-out 10%%)")
 
 
 def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | None, n_classes: int | None = None):
@@ -92,9 +108,69 @@ def _check_resume(out: Path, model) -> None:
                        f"but this run builds {want['name']} {want['config']} (use the same --model/--hidden/--data)")
 
 
+def _run_manifold(args: argparse.Namespace) -> int:
+    """``train`` on a manifold: the same loop, with ``TangentVelocity``, ``GeodesicPath`` and ``M.random_base``."""
+    from ..manifolds import TangentVelocity
+    from ..models import build_model
+    from ..paths.geodesic import GeodesicPath
+    from ..training import train
+
+    manifold = C.manifold_of(args.manifold)
+    if args.coupling != "independent":
+        raise CLIError(f"--coupling {args.coupling} is not available with --manifold (minibatch OT on "
+                       "manifolds is not implemented); use --coupling independent")
+    for flag, val, default in (("--source", args.source, "normal"), ("--path", args.path, "linear")):
+        if val != default:
+            raise CLIError(f"{flag} {val} does not apply with --manifold: the source is {manifold.name}'s base "
+                           "distribution and the path is the geodesic one")
+    if args.model not in (None, "mlp"):
+        raise CLIError(f"--model {args.model} is not available with --manifold; the network is an MLP "
+                       "on ambient coordinates projected onto the tangent space (--model mlp)")
+    device = C.device_of(args.device)
+    points = C.load_manifold_data(args.data, manifold)
+    split = None if args.split == "all" else args.split
+    x_1 = C.split_points(points, split, args.seed)
+    config = {"dim": manifold.ambient_dim}
+    if args.hidden is not None:
+        config["hidden"] = args.hidden
+    with torch.random.fork_rng(devices=[]):  # initial weights from --seed, the caller's RNG untouched
+        torch.manual_seed(args.seed)
+        inner = build_model("mlp", **config)
+    network = {"name": "mlp", "config": dict(inner.config)}
+    model = TangentVelocity(inner, manifold)
+    out = Path(args.out)
+    if args.resume and not out.exists():
+        raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r}")
+    if not args.resume and (out / "latest.json").exists():
+        raise CLIError(f"--out {str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
+                       "another --out")
+    info = C.RunInfo(data=args.data, source="base", kind="flow", coupling="independent", path="geodesic",
+                     default_steps=100, default_method="euler", manifold=manifold.name, network=network,
+                     split=split, split_seed=args.seed if split is not None else None)
+    if args.resume:
+        old = C.RunInfo.load(out)
+        if (old.manifold, old.network, old.split) != (info.manifold, info.network, info.split):
+            raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
+                           f"(split {old.split}), but this run builds {network} on {manifold.name} (split {split})")
+    info.save(out)  # before training, so an interrupted run can be loaded and resumed
+    res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold),
+                steps=args.steps, batch_size=args.batch, lr=args.lr, schedule=args.schedule,
+                ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out, resume=args.resume,
+                progress=not args.quiet)
+    final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
+    info.save(out)
+    print(f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on {x_1.shape[0]} points "
+          f"of {args.data} ({args.split}); final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import train
 
+    if args.manifold is not None:
+        return _run_manifold(args)
+    if args.split != "all":
+        raise CLIError("--split applies with --manifold only")
     device = C.device_of(args.device)
     dataset = C.load_data(args.data)
     event_shape = tuple(C.data_sampler(dataset)(2, C.generator(0)).shape[1:])
@@ -129,4 +205,6 @@ def run(args: argparse.Namespace) -> int:
 
 register(Command("train", "train a flow-matching model (I-CFM / 1-RF, OT-CFM, Sinkhorn-CFM)", configure, run,
                  description="Train a velocity field v(x, t) by conditional flow matching.\n"
-                             "Example:  steerflow train --data moons --coupling exact-ot --steps 5000 --out runs/ot"))
+                             "Example:  steerflow train --data moons --coupling exact-ot --steps 5000 --out runs/ot\n"
+                             "On the sphere:  steerflow train --manifold sphere2 --data volcano --split train "
+                             "--seed 0 --out runs/volcano"))

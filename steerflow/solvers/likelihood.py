@@ -131,7 +131,7 @@ def log_likelihood(
     if ts is None:
         ts = torch.tensor([1.0, 0.0], dtype=torch.float64) if method == "dopri5" and steps is None \
             else uniform_grid(steps or 32).flip(0)
-    z_1 = torch.cat([x_1.reshape(x_1.shape[0], -1), torch.zeros_like(x_1[:, :1].reshape(-1, 1))], dim=1)
+    z_1 = torch.cat([x_1.reshape(x_1.shape[0], -1), x_1.new_zeros(x_1.shape[0], 1)], dim=1)
     z_0 = sample(field, z_1, ts=ts, method=method, geometry=_Augmented(geometry, shape), atol=atol,
                  rtol=rtol, cost=cost)
     x_0 = z_0[:, :-1].reshape(x_1.shape)

@@ -1,0 +1,222 @@
+"""Flows on manifolds through the ordinary command line: ``train --manifold`` → ``sample`` → ``eval`` →
+``plot`` on a latitude/longitude CSV, the same on a torus from a .npy, and one-line errors (exit 2)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steerflow.cli import _common as C
+from steerflow.cli.main import main
+from steerflow.data.earth import latlon_to_xyz, load_latlon_csv, random_split
+from steerflow.manifolds import Sphere, TangentVelocity, manifold_log_likelihood
+
+QUICK = ["--hidden", "16", "--batch", "32", "--quiet"]
+LOG_4PI = math.log(4 * math.pi)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("steerflow: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def write_latlon_csv(path, n: int, seed: int = 0, spread: float = 8.0) -> None:
+    """Two clusters (Iceland-ish and New-Zealand-ish), ``spread`` degrees wide, with a header row."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[64.0, -19.0], [-39.0, 175.0]])
+    c = centres[rng.integers(0, 2, n)]
+    lat = np.clip(c[:, 0] + spread * rng.standard_normal(n), -89.9, 89.9)
+    lon = (c[:, 1] + spread * rng.standard_normal(n) + 180.0) % 360.0 - 180.0
+    path.write_text("latitude,longitude\n" + "".join(f"{a:.5f},{b:.5f}\n" for a, b in zip(lat, lon)))
+
+
+@pytest.fixture(scope="module")
+def sphere_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sphere")
+    csv = d / "events.csv"
+    write_latlon_csv(csv, 60)
+    ckpt = d / "run"
+    rc = main(["train", "--manifold", "sphere2", "--data", str(csv), "--split", "train", "--seed", "3",
+               "--steps", "30", "--out", str(ckpt), *QUICK])
+    assert rc == 0
+    return csv, ckpt
+
+
+def test_train_records_the_manifold_and_load_flow_rebuilds_the_tangent_field(sphere_run):
+    csv, ckpt = sphere_run
+    info = json.loads((ckpt / "run.json").read_text())
+    assert info["manifold"] == "sphere2" and info["path"] == "geodesic" and info["coupling"] == "independent"
+    assert info["network"]["name"] == "mlp" and info["network"]["config"]["dim"] == 3
+    assert info["split"] == "train" and info["split_seed"] == 3
+    loaded = C.load_flow(ckpt, allow_manifold=True)
+    assert isinstance(loaded.model, TangentVelocity) and loaded.manifold.name == "sphere2"
+    # the rebuilt field is tangent: <x, v(x, t)> = 0 on S²
+    x = Sphere(2).random_base(64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = loaded.model(x, torch.full((64,), 0.5))
+    assert (x * v).sum(-1).abs().max() < 1e-5
+    # EMA and raw weights both load; they differ after training with EMA
+    raw = C.load_flow(ckpt, allow_manifold=True, ema=False).model
+    assert any((a - b).abs().max() > 0 for a, b in zip(raw.parameters(), loaded.model.parameters()))
+
+
+def test_sample_points_on_the_sphere_and_latlon_csv(sphere_run, tmp_path, capsys):
+    _, ckpt = sphere_run
+    out = tmp_path / "s.npy"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", 200, "--steps", 20, "--out", out, "--seed", 5)
+    assert rc == 0, err
+    x = np.load(out)
+    assert x.shape == (200, 3) and np.isfinite(x).all()
+    assert np.abs(np.linalg.norm(x, axis=1) - 1).max() < 1e-5
+    # same seed, same samples; written as lat/lon CSV they read back to the same unit vectors
+    out_csv = tmp_path / "s.csv"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", 200, "--steps", 20, "--out", out_csv, "--seed", 5)
+    assert rc == 0, err
+    assert out_csv.read_text().splitlines()[0] == "lat,lon"
+    back = load_latlon_csv(out_csv, dtype=torch.float64).numpy()
+    assert np.abs(back - x).max() < 1e-5
+    out_ll = tmp_path / "ll.npy"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", 200, "--steps", 20, "--out", out_ll, "--seed", 5,
+                         "--latlon")
+    assert rc == 0, err
+    ll = np.load(out_ll)
+    assert ll.shape == (200, 2) and np.abs(ll[:, 0]).max() <= 90 and np.abs(ll[:, 1]).max() <= 180
+    assert np.abs(latlon_to_xyz(ll[:, 0], ll[:, 1], dtype=torch.float64).numpy() - x).max() < 1e-5
+
+
+def test_eval_reports_the_test_nll_of_the_recorded_split(sphere_run, tmp_path, capsys):
+    csv, ckpt = sphere_run
+    out = tmp_path / "eval.json"
+    rc, stdout, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 16, "--out", out)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    # default: the test part of the split the checkpoint was trained with (seed 3), 10 % of 60 points
+    assert res["split"] == "test" and res["seed"] == 3 and res["n"] == 6
+    assert math.isfinite(res["nll"]) and abs(res["base_nll"] - LOG_4PI) < 1e-9
+    assert "2.531" in stdout
+    # the number is -mean log p_1 over exactly those points (same split, same solver)
+    x = load_latlon_csv(csv)
+    _, _, test = random_split(x, (0.8, 0.1, 0.1), generator=torch.Generator().manual_seed(3))
+    model = C.load_flow(ckpt, allow_manifold=True).model
+    with torch.no_grad():
+        ref = -manifold_log_likelihood(model, test, Sphere(2), method="rk4", steps=16).double().mean()
+    assert abs(res["nll"] - float(ref)) < 1e-6
+
+
+def test_training_on_a_concentrated_csv_beats_the_uniform_density(tmp_path, capsys):
+    """Two clusters ~4° wide have density far above 1/4π; a short run must learn much of that."""
+    csv = tmp_path / "cap.csv"
+    write_latlon_csv(csv, 200, seed=1, spread=4.0)
+    ckpt = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", csv, "--steps", 250, "--lr", "3e-3",
+                         "--ema", 0, "--hidden", 64, "--batch", 64, "--quiet", "--out", ckpt)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 16, "--n", 100)
+    assert rc == 0, err
+    res = json.loads((ckpt / "eval.json").read_text())
+    assert res["split"] == "all" and res["n"] == 100
+    assert res["nll"] < 0.0, res  # measured: about -2.1 nats (uniform: +2.53)
+
+
+def test_plot_sphere_samples_on_a_map(sphere_run, tmp_path, capsys):
+    csv, ckpt = sphere_run
+    png = tmp_path / "map.png"
+    rc, _, err = run_cli(capsys, "plot", "--ckpt", ckpt, "--n", 100, "--steps", 8, "--out", png)
+    assert rc == 0, err
+    assert png.stat().st_size > 1000
+    png2 = tmp_path / "csv.png"
+    rc, _, err = run_cli(capsys, "plot", "--samples", csv, "--out", png2)
+    assert rc == 0 and png2.stat().st_size > 1000, err
+
+
+def test_torus_from_npy(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    pts = np.mod(np.array([1.0, 4.0]) + 0.3 * rng.standard_normal((50, 2)), 2 * np.pi).astype(np.float32)
+    data = tmp_path / "angles.npy"
+    np.save(data, pts)
+    ckpt = tmp_path / "torus"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "torus2", "--data", data, "--steps", 10, "--out", ckpt, *QUICK)
+    assert rc == 0, err
+    out = tmp_path / "t.npy"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", 64, "--steps", 8, "--out", out)
+    assert rc == 0, err
+    x = np.load(out)
+    assert x.shape == (64, 2) and (x >= 0).all() and (x < 2 * np.pi).all()
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 8, "--n", 20)
+    assert rc == 0, err
+    res = json.loads((ckpt / "eval.json").read_text())
+    assert abs(res["base_nll"] - 2 * math.log(2 * math.pi)) < 1e-9 and math.isfinite(res["nll"])
+
+
+def test_one_line_errors(sphere_run, tmp_path, capsys):
+    csv, ckpt = sphere_run
+    out = tmp_path / "x"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "klein2", "--data", csv, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "klein2", "sphere<n>", "torus<n>", "so3")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("lat,lon\n10,20\n95,30\n")
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", bad, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "latitude 95", "[-90, 90]")
+    bad.write_text("lat,lon\n10,20\n40,400\n")
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", bad, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "longitude 400")
+    off = tmp_path / "off.npy"
+    np.save(off, np.full((5, 3), 0.9, dtype=np.float32))
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", off, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "not on sphere2")
+    np.save(off, np.full((5, 2), 7.0, dtype=np.float32))  # angles outside [0, 2π)
+    rc, _, err = run_cli(capsys, "train", "--manifold", "torus2", "--data", off, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "not on torus2")
+    rc, _, err = run_cli(capsys, "train", "--manifold", "torus2", "--data", csv, "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "sphere2", "torus2")
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", csv, "--coupling", "exact-ot",
+                         "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "exact-ot", "--manifold")
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", "moons", "--out", out, *QUICK)
+    assert_one_line_error(rc, err, "moons", "volcano")
+    # commands that only know flat flows refuse a manifold checkpoint cleanly
+    rc, _, err = run_cli(capsys, "reflow", "--ckpt", ckpt, "--out", tmp_path / "rf")
+    assert_one_line_error(rc, err, "sphere2")
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--nfe", 4)
+    assert_one_line_error(rc, err, "--nfe")
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--out", tmp_path / "s.txt")
+    assert_one_line_error(rc, err, ".npy")
+    assert not out.exists() or not (out / "latest.json").exists()
+
+
+def test_so3_from_npy_trains_and_samples_rotations(tmp_path, capsys):
+    from steerflow.manifolds import SO3
+
+    M = SO3()
+    data = tmp_path / "rot.npy"
+    np.save(data, M.random_base(40, torch.Generator().manual_seed(0)).numpy())
+    ckpt = tmp_path / "so3"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "so3", "--data", data, "--steps", 10, "--out", ckpt, *QUICK)
+    assert rc == 0, err
+    out = tmp_path / "r.npy"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--n", 16, "--steps", 8, "--out", out)
+    assert rc == 0, err
+    x = torch.from_numpy(np.load(out))
+    assert x.shape == (16, 3, 3) and float(M.residual(x).max()) < 1e-4
