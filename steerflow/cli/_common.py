@@ -23,44 +23,28 @@ RUN_FILE = "run.json"
 
 
 # --- argument types --------------------------------------------------------------------------------
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def number_type(cast, ok, what: str):
+    """An argparse ``type=``: parse with ``cast`` and accept when ``ok(value)``, else say ``what`` was expected."""
+
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def unit_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
-    return v
+positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = number_type(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = number_type(float, lambda v: v > 0 and np.isfinite(v), "a positive number")
+nonneg_float = number_type(float, lambda v: v >= 0 and np.isfinite(v), "a non-negative number")
+unit_float = number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+closed_unit_float = number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def nfe_spec(s: str) -> str:

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _common as C
 from ._common import add_seed, generator, load_flow, positive_int, save_npy, write_json
 from .main import CLIError, Command, register
 
@@ -232,27 +233,6 @@ def _window(s: str) -> tuple[float, float]:
     return a, b
 
 
-def _strength(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}")
-    return v
-
-
-# --- steer ----------------------------------------------------------------------------------------------
 def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
     p.add_argument("--task", required=True, choices=TASKS)
@@ -261,7 +241,7 @@ def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="clean image(s): .npy (n, C, H, W) / (C, H, W) / (H, W) / flat, or .png")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mask", choices=("box", "random"), default="box", help="inpainting mask")
-    p.add_argument("--noise", type=_nonneg_float, default=0.05, help="measurement noise std σ")
+    p.add_argument("--noise", type=C.nonneg_float, default=0.05, help="measurement noise std σ")
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--scale", type=float, default=None,
                    help="method strength (CFG weight for --task class; step size / scale otherwise)")
@@ -346,7 +326,7 @@ def _configure_invert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
     p.add_argument("--input", required=True, help="image(s) to invert (.npy or .png)")
     p.add_argument("--out", required=True, help="output .npy file for the noise")
-    p.add_argument("--gamma", type=_strength, default=0.0, help="RF-Inversion controller strength (0: plain ODE)")
+    p.add_argument("--gamma", type=C.closed_unit_float, default=0.0, help="RF-Inversion controller strength (0: plain ODE)")
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--class-label", type=int, default=None, help="invert under this class's field")
     add_seed(p)
@@ -378,10 +358,10 @@ def _configure_edit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
     p.add_argument("--input", required=True, help="image(s) to edit (.npy or .png)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--eta", type=_strength, default=0.9, help="editing controller strength η")
+    p.add_argument("--eta", type=C.closed_unit_float, default=0.9, help="editing controller strength η")
     p.add_argument("--window", type=_window, default=(0.0, 0.25),
                    help="t_start,t_end (t = 0 noise) where the controller acts")
-    p.add_argument("--gamma", type=_strength, default=0.5, help="inversion controller strength γ")
+    p.add_argument("--gamma", type=C.closed_unit_float, default=0.5, help="inversion controller strength γ")
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--class-label", type=int, default=None, help="the class to edit toward")
     p.add_argument("--source-label", type=int, default=None, help="the class to invert under (default: null)")
