@@ -39,15 +39,48 @@ from steerflow.models import MLPVelocity
 from steerflow.paths.geodesic import GeodesicPath
 from steerflow.training import train
 
-QUICK = "--quick" in sys.argv
-DATASETS = ("volcano", "earthquake", "flood")
-SEEDS = (0,) if QUICK else (0, 1, 2, 3, 4)
-HIDDEN, DEPTH = 256, 3
-BATCH = 256
-STEPS = 400 if QUICK else 5000       # LR schedule length per run
-CHUNK = 200 if QUICK else 500        # evaluate validation NLL every CHUNK steps
-MAX_SECONDS_PER_RUN = 60 if QUICK else 200   # wall-clock safety stop (the machine is shared)
-LR = 2e-3
+ALL_DATASETS = ("volcano", "earthquake", "flood")
+
+
+def _options(argv) -> dict:
+    """``--name value`` pairs from the command line (benchmark script, so no argparse); ``--quick`` and
+    ``--merge`` are flags. Unknown names raise ``ValueError`` naming the accepted ones."""
+    flags = {"--quick", "--merge"}
+    known = {"--steps", "--hidden", "--depth", "--chunk", "--lr", "--warmup", "--batch", "--max-seconds",
+             "--patience", "--datasets", "--seeds", "--out-suffix"}
+    out, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a in flags:
+            out[a[2:]] = True
+            i += 1
+        elif a in known:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{a} expects a value, got nothing")
+            out[a[2:].replace("-", "_")] = argv[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"unknown option {a!r}; expected one of {sorted(flags | known)}")
+    return out
+
+
+_OPT = _options(sys.argv[1:])
+QUICK = bool(_OPT.get("quick", False))
+MERGE = bool(_OPT.get("merge", False))
+DATASETS = tuple(_OPT["datasets"].split(",")) if "datasets" in _OPT else ALL_DATASETS
+if not set(DATASETS) <= set(ALL_DATASETS):
+    raise ValueError(f"--datasets expects a comma list of {ALL_DATASETS}, got {DATASETS}")
+SEEDS = tuple(int(s) for s in _OPT["seeds"].split(",")) if "seeds" in _OPT else ((0,) if QUICK else (0, 1, 2, 3, 4))
+HIDDEN = int(_OPT.get("hidden", 256))
+DEPTH = int(_OPT.get("depth", 3))
+BATCH = int(_OPT.get("batch", 256))
+STEPS = int(_OPT.get("steps", 400 if QUICK else 5000))       # LR schedule length per run
+CHUNK = int(_OPT.get("chunk", 200 if QUICK else 500))        # evaluate validation NLL every CHUNK steps
+MAX_SECONDS_PER_RUN = float(_OPT.get("max_seconds", 60 if QUICK else 200))  # wall-clock safety stop
+LR = float(_OPT.get("lr", 2e-3))
+WARMUP = int(_OPT.get("warmup", 100))
+PATIENCE = int(_OPT.get("patience", 3))   # early stop after this many chunks without validation gain
+SUFFIX = _OPT.get("out_suffix", "_quick" if QUICK else "")
 ODE = dict(method="rk4", steps=64)                   # test NLL and samples
 ODE_CHECK = dict(method="dopri5", atol=1e-5, rtol=1e-5)  # seed 0: the test NLL again, adaptive
 ODE_VAL = dict(method="rk4", steps=32)               # validation NLL (early stopping) and the density map
@@ -100,7 +133,7 @@ def fit_rfm(train_x, val_x, seed: int, log=print):
         while done < STEPS:
             stop = min(done + CHUNK, STEPS)
             res = train(model, train_x, source=S2.random_base, path=GeodesicPath(S2), steps=STEPS,
-                        batch_size=BATCH, lr=LR, warmup=100, schedule="cosine", device="cpu", seed=seed,
+                        batch_size=BATCH, lr=LR, warmup=WARMUP, schedule="cosine", device="cpu", seed=seed,
                         out_dir=tmp, resume=done > 0, stop_at=stop, progress=False, log_every=CHUNK)
             done = res.step
             v = nll(model, val_x, ode=ODE_VAL)
@@ -113,8 +146,8 @@ def fit_rfm(train_x, val_x, seed: int, log=print):
             if time.perf_counter() - t0 > MAX_SECONDS_PER_RUN:
                 log(f"    time budget reached at step {done}")
                 break
-            # early stopping: three chunks without improvement on validation
-            if len(history) - 1 - [h["step"] for h in history].index(best[2]) >= 3:
+            # early stopping: PATIENCE chunks without improvement on validation
+            if len(history) - 1 - [h["step"] for h in history].index(best[2]) >= PATIENCE:
                 log(f"    early stop at step {done} (best step {best[2]})")
                 break
     model.load_state_dict(best[1])
@@ -177,74 +210,118 @@ def _mean_std(vals):
     return float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
 
 
+def _config() -> dict:
+    return {"hidden": HIDDEN, "depth": DEPTH, "batch": BATCH, "steps": STEPS, "chunk": CHUNK, "lr": LR,
+            "warmup": WARMUP, "patience": PATIENCE, "max_seconds_per_run": MAX_SECONDS_PER_RUN, "ode": ODE,
+            "quick": QUICK}
+
+
+def _command() -> str:
+    return "python benchmarks/bench_earth.py" + "".join(f" {a}" for a in sys.argv[1:])
+
+
+def _part_paths(name: str):
+    return OUT / f"earth_nll{SUFFIX}.part-{name}.json", OUT / f"earth_density{SUFFIX}.part-{name}.pt"
+
+
+def run_dataset(name: str) -> None:
+    """All seeds of one catalogue; writes ``earth_nll{suffix}.part-{name}.json`` (+ the seed-0 map data)."""
+    x = load_earth(name)
+    rows = {"uniform": [], "vmf_kde": [], "rfm": []}
+    per_seed = []
+    fig = None
+    t_ds = time.perf_counter()
+    for seed in SEEDS:
+        g = torch.Generator().manual_seed(seed)
+        tr, va, te = random_split(x, (0.8, 0.1, 0.1), generator=g)
+        rows["uniform"].append(LOG_4PI)
+        kappa = fit_vmf_kde(tr, va)
+        kde = float(-vmf_kde_log_prob(te, tr, kappa).mean())
+        rows["vmf_kde"].append(kde)
+        print(f"[{name} seed {seed}] n={len(tr)}/{len(va)}/{len(te)}  vMF KDE κ={kappa:.0f}: test NLL {kde:+.3f}",
+              flush=True)
+        model, info = fit_rfm(tr, va, seed, log=lambda s: print(s, flush=True))
+        t0 = time.perf_counter()
+        test_nll = nll(model, te)
+        rows["rfm"].append(test_nll)
+        print(f"[{name} seed {seed}] RFM test NLL {test_nll:+.3f} (best step {info['best_step']}, "
+              f"eval {time.perf_counter() - t0:.1f}s)", flush=True)
+        per_seed.append({"seed": seed, "kappa": kappa, "kde_test_nll": kde, "rfm_test_nll": test_nll, **info})
+        if seed == SEEDS[0]:
+            per_seed[-1]["rfm_test_nll_dopri5"] = nll(model, te, ode=ODE_CHECK)
+            print(f"[{name} seed {seed}] RFM test NLL with dopri5(1e-5): {per_seed[-1]['rfm_test_nll_dopri5']:+.3f}",
+                  flush=True)
+            with torch.no_grad():
+                g_s = torch.Generator().manual_seed(1234)
+                xs = sample(model, S2.random_base(2000, g_s), **ODE, geometry=S2)
+            lon_g, lat_g, logp = density_grid(model)
+            fig = {"lon_grid": lon_g, "lat_grid": lat_g, "log_density": logp,
+                   "test": [a.numpy() for a in xyz_to_latlon(te)],
+                   "train": [a.numpy() for a in xyz_to_latlon(tr)],
+                   "samples": [a.numpy() for a in xyz_to_latlon(xs)]}
+    part = {"n": int(x.shape[0]), "seeds": list(SEEDS), "config": _config(), "command": _command(),
+            "uniform": _mean_std(rows["uniform"]), "vmf_kde": _mean_std(rows["vmf_kde"]),
+            "rfm": _mean_std(rows["rfm"]), "per_seed": per_seed, "seconds": time.perf_counter() - t_ds}
+    j, f = _part_paths(name)
+    torch.save(fig, f)
+    j.write_text(json.dumps(part, indent=2))
+    print(f"[{name}] RFM {part['rfm'][0]:+.3f} ± {part['rfm'][1]:.3f}  ({part['seconds'] / 60:.1f} min) -> {j}",
+          flush=True)
+
+
+def merge() -> None:
+    """Combine the three per-catalogue parts (same configuration and seeds) into the final files."""
+    parts, figure_data = {}, {}
+    for name in ALL_DATASETS:
+        j, f = _part_paths(name)
+        if not j.exists():
+            raise ValueError(f"merge expects {j} (run the benchmark with --datasets {name} first), not found")
+        parts[name] = json.loads(j.read_text())
+        figure_data[name] = torch.load(f, weights_only=False)
+    ref = parts[ALL_DATASETS[0]]
+    for name, p in parts.items():
+        if p["config"] != ref["config"] or p["seeds"] != ref["seeds"]:
+            raise ValueError(f"merge expects one configuration; {name} has {p['config']} seeds {p['seeds']}, "
+                             f"{ALL_DATASETS[0]} has {ref['config']} seeds {ref['seeds']}")
+    results = {"protocol": "random 80/10/10 split per seed, test NLL in nats (mean ± std over seeds)",
+               "seeds": ref["seeds"], "config": ref["config"],
+               "commands": sorted({p["command"] for p in parts.values()}) + [_command()],
+               "datasets": {name: {k: v for k, v in p.items() if k not in ("config", "seeds", "command")}
+                            for name, p in parts.items()},
+               "published": PUBLISHED,
+               "total_seconds": sum(p["seconds"] for p in parts.values()),
+               "wall_seconds": max(p["seconds"] for p in parts.values())}
+    (OUT / f"earth_nll{SUFFIX}.json").write_text(json.dumps(results, indent=2))
+    plot(figure_data, OUT / f"earth_density{SUFFIX}.png")
+    write_md(results, OUT / f"earth_nll{SUFFIX}.md")
+    for name in ALL_DATASETS:
+        for q in _part_paths(name):
+            q.unlink(missing_ok=True)
+    print(f"wrote {OUT}/earth_nll{SUFFIX}.{{json,md}} and earth_density{SUFFIX}.png")
+    print("reproduce: " + " && ".join(results["commands"]))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    results = {"protocol": "random 80/10/10 split per seed, test NLL in nats (mean ± std over seeds)",
-               "seeds": list(SEEDS), "config": {"hidden": HIDDEN, "depth": DEPTH, "batch": BATCH, "steps": STEPS,
-                                                "chunk": CHUNK, "lr": LR, "max_seconds_per_run": MAX_SECONDS_PER_RUN,
-                                                "ode": ODE, "quick": QUICK},
-               "datasets": {}}
-    figure_data = {}
-    t_all = time.perf_counter()
-    for name in DATASETS:
-        x = load_earth(name)
-        rows = {"uniform": [], "vmf_kde": [], "rfm": []}
-        per_seed = []
-        for seed in SEEDS:
-            g = torch.Generator().manual_seed(seed)
-            tr, va, te = random_split(x, (0.8, 0.1, 0.1), generator=g)
-            rows["uniform"].append(LOG_4PI)
-            kappa = fit_vmf_kde(tr, va)
-            kde = float(-vmf_kde_log_prob(te, tr, kappa).mean())
-            rows["vmf_kde"].append(kde)
-            print(f"[{name} seed {seed}] n={len(tr)}/{len(va)}/{len(te)}  vMF KDE κ={kappa:.0f}: test NLL {kde:+.3f}",
-                  flush=True)
-            model, info = fit_rfm(tr, va, seed, log=lambda s: print(s, flush=True))
-            t0 = time.perf_counter()
-            test_nll = nll(model, te)
-            rows["rfm"].append(test_nll)
-            print(f"[{name} seed {seed}] RFM test NLL {test_nll:+.3f} (best step {info['best_step']}, "
-                  f"eval {time.perf_counter() - t0:.1f}s)", flush=True)
-            per_seed.append({"seed": seed, "kappa": kappa, "kde_test_nll": kde, "rfm_test_nll": test_nll, **info})
-            if seed == SEEDS[0]:
-                per_seed[-1]["rfm_test_nll_dopri5"] = nll(model, te, ode=ODE_CHECK)
-                print(f"[{name} seed {seed}] RFM test NLL with dopri5(1e-5): {per_seed[-1]['rfm_test_nll_dopri5']:+.3f}",
-                      flush=True)
-                with torch.no_grad():
-                    g_s = torch.Generator().manual_seed(1234)
-                    xs = sample(model, S2.random_base(2000, g_s), **ODE, geometry=S2)
-                lon_g, lat_g, logp = density_grid(model)
-                figure_data[name] = {"lon_grid": lon_g, "lat_grid": lat_g, "log_density": logp,
-                                     "test": [a.numpy() for a in xyz_to_latlon(te)],
-                                     "train": [a.numpy() for a in xyz_to_latlon(tr)],
-                                     "samples": [a.numpy() for a in xyz_to_latlon(xs)]}
-        results["datasets"][name] = {
-            "n": int(x.shape[0]),
-            "uniform": _mean_std(rows["uniform"]), "vmf_kde": _mean_std(rows["vmf_kde"]),
-            "rfm": _mean_std(rows["rfm"]), "per_seed": per_seed}
-        (OUT / f"earth_nll{'_quick' if QUICK else ''}.partial.json").write_text(json.dumps(results, indent=2))
-    results["published"] = PUBLISHED
-    results["total_seconds"] = time.perf_counter() - t_all
-    suffix = "_quick" if QUICK else ""
-    (OUT / f"earth_nll{suffix}.json").write_text(json.dumps(results, indent=2))
-    plot(figure_data, OUT / f"earth_density{suffix}.png")
-    write_md(results, OUT / f"earth_nll{suffix}.md")
-    (OUT / f"earth_nll{suffix}.partial.json").unlink(missing_ok=True)
-    print(f"wrote {OUT}/earth_nll{suffix}.{{json,md}} and earth_density{suffix}.png "
-          f"({results['total_seconds'] / 60:.1f} min)")
-    print("reproduce: python benchmarks/bench_earth.py" + (" --quick" if QUICK else ""))
+    if not MERGE:
+        for name in DATASETS:
+            run_dataset(name)
+    if MERGE or set(DATASETS) == set(ALL_DATASETS):
+        merge()
 
 
 def write_md(results, path: Path) -> None:
     def fmt(ms):
         return f"{ms[0]:+.2f} ± {ms[1]:.2f}"
 
+    c = results["config"]
     lines = ["# Earth density estimation on S² — test NLL (nats, lower is better)", "",
              f"Protocol: {results['protocol']}; seeds {results['seeds']}. "
-             f"RFM: MLP {HIDDEN}×{DEPTH} (SiLU) on R³ + time, tangent-projected, batch {BATCH}, AdamW lr {LR}, "
-             f"cosine schedule over {STEPS} steps, validation NLL every {CHUNK} steps, best chunk kept "
-             f"(≤ {MAX_SECONDS_PER_RUN} s per run, one CPU thread). NLL by the exact Riemannian divergence, "
+             f"RFM: MLP {c['hidden']}×{c['depth']} (SiLU) on R³ + time, tangent-projected, batch {c['batch']}, "
+             f"AdamW lr {c['lr']}, {c['warmup']} linear warm-up steps then cosine schedule over {c['steps']} steps, "
+             f"validation NLL every {c['chunk']} steps, best chunk kept, early stop after {c['patience']} chunks "
+             f"without validation gain (≤ {c['max_seconds_per_run']:.0f} s per run, one CPU thread). NLL by the exact Riemannian divergence, "
              f"RK4 with 64 steps on the test split (seed 0 re-checked with dopri5 1e-5, below); RK4 with 32 steps "
              f"for validation and the map.", "",
              "| method | " + " | ".join(DATASETS) + " |", "|---|" + "---|" * len(DATASETS)]
@@ -263,8 +340,10 @@ def write_md(results, path: Path) -> None:
     lines.append("Discretisation check (seed 0, test NLL RK4-64 vs dopri5 1e-5): " + "; ".join(
         f"{d}: {ds[d]['per_seed'][0]['rfm_test_nll']:+.3f} vs {ds[d]['per_seed'][0]['rfm_test_nll_dopri5']:+.3f}"
         for d in DATASETS))
-    lines += ["", f"Total wall time {results['total_seconds'] / 60:.1f} min. Figure: `earth_density.png`.",
-              "", "Reproduce: `python benchmarks/bench_earth.py`" + (" --quick" if results["config"]["quick"] else "")]
+    lines += ["", f"Total compute {results['total_seconds'] / 60:.1f} min (wall {results['wall_seconds'] / 60:.1f} min "
+              f"with the catalogues run as parallel processes). Figure: `earth_density.png`.", "",
+              "Reproduce (the part commands may run in parallel; the last one merges):", ""]
+    lines += [f"    {cmd}" for cmd in results["commands"]]
     path.write_text("\n".join(lines) + "\n")
 
 
