@@ -220,12 +220,14 @@ def _command() -> str:
     return "python benchmarks/bench_earth.py" + "".join(f" {a}" for a in sys.argv[1:])
 
 
-def _part_paths(name: str):
-    return OUT / f"earth_nll{SUFFIX}.part-{name}.json", OUT / f"earth_density{SUFFIX}.part-{name}.pt"
+def _part_paths(name: str, seeds=None):
+    tag = "-".join(str(k) for k in (SEEDS if seeds is None else seeds))
+    return OUT / f"earth_nll{SUFFIX}.part-{name}-s{tag}.json", OUT / f"earth_density{SUFFIX}.part-{name}-s{tag}.pt"
 
 
 def run_dataset(name: str) -> None:
-    """All seeds of one catalogue; writes ``earth_nll{suffix}.part-{name}.json`` (+ the seed-0 map data)."""
+    """The ``SEEDS`` of one catalogue; writes ``earth_nll{suffix}.part-{name}-s{seeds}.json`` (+ the map data
+    of the first seed when it is seed 0)."""
     x = load_earth(name)
     rows = {"uniform": [], "vmf_kde": [], "rfm": []}
     per_seed = []
@@ -247,7 +249,7 @@ def run_dataset(name: str) -> None:
         print(f"[{name} seed {seed}] RFM test NLL {test_nll:+.3f} (best step {info['best_step']}, "
               f"eval {time.perf_counter() - t0:.1f}s)", flush=True)
         per_seed.append({"seed": seed, "kappa": kappa, "kde_test_nll": kde, "rfm_test_nll": test_nll, **info})
-        if seed == SEEDS[0]:
+        if seed == 0:
             per_seed[-1]["rfm_test_nll_dopri5"] = nll(model, te, ode=ODE_CHECK)
             print(f"[{name} seed {seed}] RFM test NLL with dopri5(1e-5): {per_seed[-1]['rfm_test_nll_dopri5']:+.3f}",
                   flush=True)
@@ -270,35 +272,53 @@ def run_dataset(name: str) -> None:
 
 
 def merge() -> None:
-    """Combine the three per-catalogue parts (same configuration and seeds) into the final files."""
-    parts, figure_data = {}, {}
+    """Combine the per-catalogue parts (one configuration; seeds may be split across parts, e.g. across
+    parallel processes) into the final files. Mean ± std are recomputed from the per-seed values."""
+    datasets, figure_data, configs, commands = {}, {}, {}, set()
     for name in ALL_DATASETS:
-        j, f = _part_paths(name)
-        if not j.exists():
-            raise ValueError(f"merge expects {j} (run the benchmark with --datasets {name} first), not found")
-        parts[name] = json.loads(j.read_text())
-        figure_data[name] = torch.load(f, weights_only=False)
-    ref = parts[ALL_DATASETS[0]]
-    for name, p in parts.items():
-        if p["config"] != ref["config"] or p["seeds"] != ref["seeds"]:
-            raise ValueError(f"merge expects one configuration; {name} has {p['config']} seeds {p['seeds']}, "
-                             f"{ALL_DATASETS[0]} has {ref['config']} seeds {ref['seeds']}")
+        files = sorted(OUT.glob(f"earth_nll{SUFFIX}.part-{name}-s*.json"))
+        if not files:
+            raise ValueError(f"merge expects earth_nll{SUFFIX}.part-{name}-s*.json in {OUT} "
+                             f"(run with --datasets {name} first), found none")
+        per_seed, seconds = [], 0.0
+        for j in files:
+            p = json.loads(j.read_text())
+            configs[j.name] = p["config"]
+            commands.add(p["command"])
+            per_seed += p["per_seed"]
+            seconds += p["seconds"]
+            n = p["n"]
+            fig = torch.load(j.with_name(j.name.replace("earth_nll", "earth_density")).with_suffix(".pt"),
+                             weights_only=False)
+            if fig is not None:
+                figure_data[name] = fig
+        per_seed.sort(key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in per_seed]
+        if len(set(seeds)) != len(seeds) or per_seed[0]["seed"] != 0:
+            raise ValueError(f"merge expects distinct seeds including 0 for {name}, got {seeds}")
+        datasets[name] = {"n": n, "uniform": _mean_std([LOG_4PI] * len(seeds)),
+                          "vmf_kde": _mean_std([r["kde_test_nll"] for r in per_seed]),
+                          "rfm": _mean_std([r["rfm_test_nll"] for r in per_seed]),
+                          "per_seed": per_seed, "seconds": seconds}
+    if len({json.dumps(c, sort_keys=True) for c in configs.values()}) != 1:
+        raise ValueError(f"merge expects one configuration across parts, got {configs}")
+    all_seeds = {json.dumps([r["seed"] for r in d["per_seed"]]) for d in datasets.values()}
+    if len(all_seeds) != 1:
+        raise ValueError(f"merge expects the same seeds for every catalogue, got {all_seeds}")
     results = {"protocol": "random 80/10/10 split per seed, test NLL in nats (mean ± std over seeds)",
-               "seeds": ref["seeds"], "config": ref["config"],
-               "commands": sorted({p["command"] for p in parts.values()}) + [_command()],
-               "datasets": {name: {k: v for k, v in p.items() if k not in ("config", "seeds", "command")}
-                            for name, p in parts.items()},
-               "published": PUBLISHED,
-               "total_seconds": sum(p["seconds"] for p in parts.values()),
-               "wall_seconds": max(p["seconds"] for p in parts.values())}
+               "seeds": [r["seed"] for r in datasets[ALL_DATASETS[0]]["per_seed"]],
+               "config": next(iter(configs.values())),
+               "commands": sorted(commands) + ["python benchmarks/bench_earth.py --merge"
+                                               + (f" --out-suffix {SUFFIX}" if SUFFIX else "")],
+               "datasets": datasets, "published": PUBLISHED,
+               "total_seconds": sum(d["seconds"] for d in datasets.values())}
     (OUT / f"earth_nll{SUFFIX}.json").write_text(json.dumps(results, indent=2))
     plot(figure_data, OUT / f"earth_density{SUFFIX}.png")
     write_md(results, OUT / f"earth_nll{SUFFIX}.md")
-    for name in ALL_DATASETS:
-        for q in _part_paths(name):
-            q.unlink(missing_ok=True)
+    for f in list(OUT.glob(f"earth_nll{SUFFIX}.part-*.json")) + list(OUT.glob(f"earth_density{SUFFIX}.part-*.pt")):
+        f.unlink()
     print(f"wrote {OUT}/earth_nll{SUFFIX}.{{json,md}} and earth_density{SUFFIX}.png")
-    print("reproduce: " + " && ".join(results["commands"]))
+    print("reproduce: " + " ; ".join(results["commands"]))
 
 
 def main() -> None:
@@ -324,24 +344,24 @@ def write_md(results, path: Path) -> None:
              f"without validation gain (≤ {c['max_seconds_per_run']:.0f} s per run, one CPU thread). NLL by the exact Riemannian divergence, "
              f"RK4 with 64 steps on the test split (seed 0 re-checked with dopri5 1e-5, below); RK4 with 32 steps "
              f"for validation and the map.", "",
-             "| method | " + " | ".join(DATASETS) + " |", "|---|" + "---|" * len(DATASETS)]
+             "| method | " + " | ".join(ALL_DATASETS) + " |", "|---|" + "---|" * len(ALL_DATASETS)]
     ds = results["datasets"]
-    lines.append("| uniform (log 4π) | " + " | ".join(fmt(ds[d]["uniform"]) for d in DATASETS) + " |")
-    lines.append("| vMF KDE (κ on validation, measured) | " + " | ".join(fmt(ds[d]["vmf_kde"]) for d in DATASETS) + " |")
-    lines.append("| **Riemannian FM, steerflow (measured)** | " + " | ".join(f"**{fmt(ds[d]['rfm'])}**" for d in DATASETS) + " |")
+    lines.append("| uniform (log 4π) | " + " | ".join(fmt(ds[d]["uniform"]) for d in ALL_DATASETS) + " |")
+    lines.append("| vMF KDE (κ on validation, measured) | " + " | ".join(fmt(ds[d]["vmf_kde"]) for d in ALL_DATASETS) + " |")
+    lines.append("| **Riemannian FM, steerflow (measured)** | " + " | ".join(f"**{fmt(ds[d]['rfm'])}**" for d in ALL_DATASETS) + " |")
     for label, vals in results["published"].items():
         lines.append(f"| {label} — published, not measured | "
-                     + " | ".join(fmt(vals[d]) if d in vals else "—" for d in DATASETS) + " |")
+                     + " | ".join(fmt(vals[d]) if d in vals else "—" for d in ALL_DATASETS) + " |")
     lines += ["", "Per seed (RFM test NLL, best step, training seconds):", ""]
-    for d in DATASETS:
+    for d in ALL_DATASETS:
         lines.append(f"- {d}: " + ", ".join(f"seed {p['seed']}: {p['rfm_test_nll']:+.3f} (step {p['best_step']}, "
                                              f"{p['train_seconds']:.0f}s)" for p in ds[d]["per_seed"]))
     lines.append("")
     lines.append("Discretisation check (seed 0, test NLL RK4-64 vs dopri5 1e-5): " + "; ".join(
         f"{d}: {ds[d]['per_seed'][0]['rfm_test_nll']:+.3f} vs {ds[d]['per_seed'][0]['rfm_test_nll_dopri5']:+.3f}"
-        for d in DATASETS))
-    lines += ["", f"Total compute {results['total_seconds'] / 60:.1f} min (wall {results['wall_seconds'] / 60:.1f} min "
-              f"with the catalogues run as parallel processes). Figure: `earth_density.png`.", "",
+        for d in ALL_DATASETS))
+    lines += ["", f"Total compute {results['total_seconds'] / 60:.1f} min (one thread per process; the parts ran as "
+              f"parallel processes). Figure: `earth_density{SUFFIX}.png`.", "",
               "Reproduce (the part commands may run in parallel; the last one merges):", ""]
     lines += [f"    {cmd}" for cmd in results["commands"]]
     path.write_text("\n".join(lines) + "\n")

@@ -95,7 +95,7 @@ def test_ema_closed_form():
     lin = torch.nn.Linear(3, 2)
     theta0 = [p.detach().clone() for p in lin.parameters()]
     beta = 0.9
-    ema = EMA(lin, beta)
+    ema = EMA(lin, beta, warmup=False)
     thetas = []
     for k in range(5):
         with torch.no_grad():
@@ -108,6 +108,22 @@ def test_ema_closed_form():
         expected = beta**n * theta0[i] + (1 - beta) * sum(beta ** (n - 1 - k) * thetas[k][i] for k in range(n))
         torch.testing.assert_close(p, expected)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_warmup_schedule():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema = EMA(lin, 0.999)
+    expected = torch.zeros(())
+    for n in range(50):
+        with torch.no_grad():
+            lin.weight.fill_(float(n + 1))
+        beta_n = min(0.999, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(beta_n)
+        ema.update()
+        expected = beta_n * expected + (1 - beta_n) * (n + 1)
+    torch.testing.assert_close(ema.module.weight.reshape(()), expected)
 
 
 # --- train ----------------------------------------------------------------------------------------
