@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_line_error, run_cli
 from steerflow.cli.main import COMMANDS, build_parser, main
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,22 +25,6 @@ def one_thread():
 
 
 TINY = ["--model", "mlp-selu", "--hidden", "16", "--batch", "64", "--quiet"]
-
-
-def run_cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *fragments):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("steerflow: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def test_every_subcommand_has_help(capsys):
