@@ -46,6 +46,18 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     return t
 
 
+def check_batch(x: Tensor, name: str, *, finite: bool = True) -> None:
+    """Refuse anything but a floating-point tensor of shape ``(b, *d)`` (finite unless ``finite=False``)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (b, *d) with a batch dimension, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if finite and not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf")
+
+
 def check_finite(x: Tensor, what: str) -> None:
     """Raise a ``FloatingPointError`` naming ``what`` when ``x`` holds NaN or inf."""
     if not torch.isfinite(x).all():

@@ -139,11 +139,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
     network = {"name": "mlp", "config": dict(inner.config)}
     model = TangentVelocity(inner, manifold)
     out = Path(args.out)
-    if args.resume and not out.exists():
-        raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r}")
-    if not args.resume and (out / "latest.json").exists():
-        raise CLIError(f"--out {str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
-                       "another --out")
+    _check_out(out, args.resume)
     info = C.RunInfo(data=args.data, source="base", kind="flow", coupling="independent", path="geodesic",
                      default_steps=100, default_method="euler", manifold=manifold.name, network=network,
                      split=split, split_seed=args.seed if split is not None else None)
@@ -162,6 +158,15 @@ def _run_manifold(args: argparse.Namespace) -> int:
     print(f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on {x_1.shape[0]} points "
           f"of {args.data} ({args.split}); final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
     return 0
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """``--resume`` needs a checkpoint in ``out``; a fresh run must not overwrite one."""
+    if resume and not out.exists():
+        raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r}")
+    if not resume and (out / "latest.json").exists():
+        raise CLIError(f"--out {str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
+                       "another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,11 +189,7 @@ def run(args: argparse.Namespace) -> int:
     model = build(args.model, event_shape, args.hidden, n_classes)
     source = C.source_sampler(args.source, event_shape)
     out = Path(args.out)
-    if args.resume and not out.exists():
-        raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r}")
-    if not args.resume and (out / "latest.json").exists():
-        raise CLIError(f"--out {str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
-                       "another --out")
+    _check_out(out, args.resume)
     if args.resume:
         _check_resume(out, model)
     coupling = None if args.coupling == "independent" else args.coupling  # independent: no re-pairing

@@ -14,26 +14,20 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from .._types import check_batch
+
 CostFn = Callable[[Tensor, Tensor], Tensor]
 Cost = Union[str, CostFn]
 
 
 def _check_pair(x_0: Tensor, x_1: Tensor, labels: Tensor | None) -> None:
-    for name, x in (("x_0", x_0), ("x_1", x_1)):
-        if not torch.is_tensor(x):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim < 2:
-            raise ValueError(f"{name} must have shape (b, *d) with a batch dimension, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    check_batch(x_0, "x_0")
+    check_batch(x_1, "x_1")
     if x_0.shape != x_1.shape:
         raise ValueError(f"x_0 and x_1 must have the same shape (b, *d); got {tuple(x_0.shape)} and "
                          f"{tuple(x_1.shape)}")
     if x_0.device != x_1.device:
         raise ValueError(f"x_0 and x_1 must be on the same device; got {x_0.device} and {x_1.device}")
-    for name, x in (("x_0", x_0), ("x_1", x_1)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} holds NaN or inf")
     if labels is not None:
         if not torch.is_tensor(labels):
             raise TypeError(f"labels must be a torch.Tensor of shape (b,) or (b, *k), got {type(labels).__name__}")

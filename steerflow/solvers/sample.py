@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._types import VelocityField
+from .._types import VelocityField, check_batch
 from ..metrics.cost import Cost
 from .grids import check_grid, uniform_grid
 from .steps import FLAT, AbstractSolver, Dopri5, Geometry, get_solver
@@ -54,17 +54,6 @@ class CountedField:
         return self.v
 
 
-def _check_x(x_0: Tensor) -> None:
-    if not torch.is_tensor(x_0):
-        raise TypeError(f"x_0 must be a torch.Tensor, got {type(x_0).__name__}")
-    if x_0.ndim < 2:
-        raise ValueError(f"x_0 must have a batch dimension, shape (b, *d); got {tuple(x_0.shape)}")
-    if not x_0.is_floating_point():
-        raise TypeError(f"x_0 must be floating point, got {x_0.dtype}")
-    if not torch.isfinite(x_0).all():
-        raise ValueError("x_0 holds NaN or inf")
-
-
 def sample(
     v: VelocityField,
     x_0: Tensor,
@@ -105,7 +94,7 @@ def sample(
 
     Gradients flow through the solve when autograd is enabled by the caller (no blanket ``no_grad``).
     """
-    _check_x(x_0)
+    check_batch(x_0, "x_0")
     solver = get_solver(method, atol=atol, rtol=rtol) if method == "dopri5" else get_solver(method)
     if ts is None:
         if steps is None:

@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from ..paths import AffinePath, get_path
 from ..solvers import sample
+from ..training.loss import flow_matching_loss
 from ._fit import FitResult, check_fit_args, fit_pairs
 
-__all__ = ["Pairs", "ReflowResult", "as_source", "generate_pairs", "flow_matching_loss", "fit_flow", "reflow"]
+__all__ = ["Pairs", "ReflowResult", "as_source", "generate_pairs", "pairs_flow_loss", "fit_flow", "reflow"]
 
 Source = Callable[[int, torch.Generator], Tensor]
 
@@ -166,17 +167,13 @@ def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps
     return Pairs(x_0=x_0.cpu(), x_1=torch.cat(out).to(x_0.dtype))
 
 
-def flow_matching_loss(path: AffinePath) -> Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]:
-    """The conditional flow-matching loss on given pairs (Lipman et al. 2023, eq. 23; Liu et al. 2022, eq. 1).
-
-    ``L(θ) = E_{t ~ U[0,1]} || v_θ(x_t, t) - u_t ||²`` with ``x_t, u_t`` from ``path`` (linear:
-    ``x_t = t x_1 + (1 - t) x_0``, ``u_t = x_1 - x_0``); averaged over batch and dimensions.
-    """
+def pairs_flow_loss(path: AffinePath) -> Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]:
+    """The conditional flow-matching loss of :func:`steerflow.training.flow_matching_loss` on given pairs,
+    with ``t ~ U[0, 1]`` drawn from the fit's generator (Liu et al. 2022, eq. 1)."""
 
     def loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.Generator) -> Tensor:
         t = torch.rand(x_0.shape[0], generator=generator).to(device=x_0.device, dtype=x_0.dtype)
-        ps = path.sample(x_0, x_1, t)
-        return ((model(ps.x_t, t) - ps.u_t) ** 2).mean()
+        return flow_matching_loss(model, x_0, x_1, t, path=path)
 
     return loss
 
@@ -184,10 +181,10 @@ def flow_matching_loss(path: AffinePath) -> Callable[[nn.Module, Tensor, Tensor,
 def fit_flow(model: nn.Module, pairs: Pairs, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
              path: str | AffinePath = "linear", generator: torch.Generator | None = None, cosine: bool = True,
              progress: bool = False) -> FitResult:
-    """Train ``model`` in place by flow matching on the fixed ``pairs`` (see :func:`flow_matching_loss`)."""
+    """Train ``model`` in place by flow matching on the fixed ``pairs`` (see :func:`pairs_flow_loss`)."""
     path = path if isinstance(path, AffinePath) else get_path(path)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    return fit_pairs(model, pairs.x_0, pairs.x_1, flow_matching_loss(path), steps=steps, batch_size=batch_size,
+    return fit_pairs(model, pairs.x_0, pairs.x_1, pairs_flow_loss(path), steps=steps, batch_size=batch_size,
                      lr=lr, generator=generator, cosine=cosine, progress=progress, what="reflow")
 
 
