@@ -10,8 +10,10 @@ import torch
 from steerflow.data import GaussianMixture
 from steerflow.models import MLPVelocity, SeluMLP, build_model
 from steerflow.paths import AffinePath, LinearPath
+from steerflow.couplings import ConditionalOT, Sinkhorn
 from steerflow.training import (EMA, LogitNormalTime, UniformTime, flow_matching_loss, get_time_sampler,
                                 load_checkpoint, lr_factor, save_checkpoint, train)
+from steerflow.training.loop import _time_seed
 
 GM = GaussianMixture([1.0], [[2.0, -1.0]], [[[0.5, 0.2], [0.2, 0.3]]])
 TINY = dict(hidden=32, depth=2, time_embed_dim=16)
@@ -163,13 +165,14 @@ def test_train_matches_bare_loop_bit_for_bit():
     m.load_state_dict(m_ref.state_dict())
     res = train(m, data, steps=30, batch_size=64, lr=1e-3, schedule="constant", device="cpu", progress=False,
                 seed=7, log_every=7)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(7)  # pairs (x_1, x_0)
+    g_t = torch.Generator().manual_seed(_time_seed(7))  # t has a generator of its own
     opt = torch.optim.AdamW(m_ref.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for _ in range(30):
         x_1 = data[torch.randint(500, (64,), generator=g)]
         x_0 = torch.randn(x_1.shape, generator=g)
-        t = torch.rand(64, generator=g)
+        t = torch.rand(64, generator=g_t)
         x_t = t[:, None] * x_1 + (1 - t[:, None]) * x_0
         loss = ((m_ref(x_t, t) - (x_1 - x_0)) ** 2).mean()
         opt.zero_grad()
@@ -218,6 +221,42 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     lines = [json.loads(s) for s in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [d["step"] for d in lines] == [4, 8, 10, 12, 16, 20, 24]
+
+
+@pytest.mark.parametrize("coupling", [ConditionalOT(), Sinkhorn(reg=0.1)])
+def test_coupling_workers_give_the_same_trace(coupling):
+    """Coupling ahead in threads changes nothing: deterministic (exact OT within labels) and sampled
+    (Sinkhorn draws from its own per-batch generator) couplings give bit-identical traces for 0/1/3 workers."""
+    kw = dict(steps=13, batch_size=24, device="cpu", progress=False, log_every=5, seed=4, coupling=coupling)
+    runs = [train(_cond_model(), _LabelledData(), coupling_workers=w, **kw) for w in (0, 1, 3)]
+    for r in runs[1:]:
+        assert torch.equal(r.losses, runs[0].losses)
+        for a, b in zip(r.model.parameters(), runs[0].model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_resume_with_coupling_workers_is_bit_identical(tmp_path):
+    """Batches drawn ahead at a checkpoint are drawn again after resuming: same weights as one run."""
+    kw = {**_resume_kwargs(tmp_path / "part"), "coupling": "conditional-ot"}
+    full = train(_cond_model(), _LabelledData(), coupling_workers=0, **{**kw, "out_dir": tmp_path / "full"})
+    # max_seconds=0 stops at the first log step (4) with two batches still coupling in the threads
+    part = train(_cond_model(), _LabelledData(), max_seconds=0.0, coupling_workers=2, **kw)
+    assert part.step == 4 and part.stopped_early
+    resumed = train(_cond_model(), _LabelledData(), resume=True, coupling_workers=1, **kw)
+    assert torch.equal(resumed.losses, full.losses)
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_coupling_workers_errors():
+    with pytest.raises(ValueError, match="coupling_workers"):
+        train(_cond_model(), _LabelledData(), steps=2, batch_size=8, device="cpu", progress=False, coupling_workers=-1)
+
+    def bad(x_0, x_1, labels=None, generator=None):
+        return x_0[:-1], x_1
+    with pytest.raises(ValueError, match="changed the batch shapes"):  # a worker's error reaches the caller
+        train(_cond_model(), _LabelledData(), steps=3, batch_size=8, device="cpu", progress=False, coupling=bad,
+              coupling_workers=2)
 
 
 def test_resume_checks_settings_and_existing_dir(tmp_path):

@@ -76,8 +76,11 @@ class AbstractIndexCoupling(AbstractCoupling):
 # --- ground costs ------------------------------------------------------------------------------
 def _sqeuclidean(a: Tensor, b: Tensor) -> Tensor:
     # |a|² + |b|² - 2 a·b, clamped: rounding can make it slightly negative on near-duplicates.
-    c = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * a @ b.transpose(-1, -2)
-    return c.clamp_min_(0.0)
+    # One fused multiply-add and two in-place passes (half the memory traffic of the plain expression).
+    c = torch.baddbmm((a * a).sum(-1)[..., :, None].reshape(-1, a.shape[-2], 1),
+                      a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]).transpose(-1, -2), alpha=-2.0)
+    c = c.reshape(*a.shape[:-1], b.shape[-2])
+    return c.add_((b * b).sum(-1)[..., None, :]).clamp_min_(0.0)
 
 
 def _euclidean(a: Tensor, b: Tensor) -> Tensor:
@@ -121,9 +124,15 @@ def cost_matrix(cost: Cost, x_0: Tensor, x_1: Tensor, *, batch_dims: int = 0,
     if not torch.is_tensor(C) or tuple(C.shape) != expected:
         got = tuple(C.shape) if torch.is_tensor(C) else type(C).__name__
         raise ValueError(f"the cost function must return a tensor of shape {expected}, got {got}")
-    if not torch.isfinite(C).all():
+    if not all_finite(C):
         raise ValueError("the cost matrix holds NaN or inf")
     return C
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry is finite; one summing pass (a NaN or ±inf makes the sum non-finite), with the
+    element-wise check only when the sum is not finite (it can also overflow on huge finite entries)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _random_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:

@@ -31,6 +31,7 @@ from . import distributed as ddp
 from .checkpoint import LATEST, load_state, read_config, save_checkpoint
 from .ema import EMA
 from .loss import LR_SCHEDULES, flow_matching_loss, get_time_sampler, lr_factor
+from .pairs import PairStream
 
 # Training hyper-parameters that change the numbers: resuming with a different value cannot be exact.
 _RESUME_KEYS = ("steps", "batch_size", "lr", "weight_decay", "betas", "warmup", "schedule", "ema_decay",
@@ -117,22 +118,34 @@ def _describe(obj: Any) -> Any:
     return type(obj).__qualname__ if " at 0x" in text else text
 
 
-def _rng_states(gen_host: torch.Generator, gen_dev: torch.Generator, device: torch.device) -> list[Tensor]:
-    states = [gen_host.get_state(), torch.get_rng_state()]
-    if gen_dev is not gen_host:
-        states.append(gen_dev.get_state())
+def _time_seed(seed: int) -> int:
+    """Seed of the generator for ``t`` (kept apart from the pair generators, see ``pairs.py``)."""
+    return (seed * 1_000_003 + 0x5EED) % 2**63
+
+
+def _rng_states(gen_host: torch.Generator, gen_dev: torch.Generator, gen_time: torch.Generator,
+                device: torch.device, pair_states: list[Tensor] | None = None) -> list[Tensor]:
+    """Layout: pair generator(s) (host[, device]), torch's global CPU RNG, the t generator[, CUDA global]."""
+    pairs = pair_states if pair_states is not None else (
+        [gen_host.get_state()] + ([gen_dev.get_state()] if gen_dev is not gen_host else []))
+    states = [*pairs, torch.get_rng_state(), gen_time.get_state()]
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
     return states
 
 
 def _set_rng_states(states: list[Tensor], gen_host: torch.Generator, gen_dev: torch.Generator,
-                    device: torch.device) -> None:
+                    gen_time: torch.Generator, device: torch.device) -> None:
+    expected = 3 + (gen_dev is not gen_host) + (device.type == "cuda")
+    if len(states) != expected:
+        raise ValueError(f"the checkpoint's RNG state has {len(states)} parts, this run needs {expected} (a "
+                         "checkpoint from an older steerflow or another device type); it cannot be resumed exactly")
     it = iter(states)
     gen_host.set_state(next(it))
-    torch.set_rng_state(next(it))
     if gen_dev is not gen_host:
         gen_dev.set_state(next(it))
+    torch.set_rng_state(next(it))
+    gen_time.set_state(next(it))
     if device.type == "cuda":
         torch.cuda.set_rng_state(next(it), device)
 
@@ -145,7 +158,8 @@ def train(model: nn.Module, data: Any, *, source: Callable[[int, torch.Generator
           out_dir: str | os.PathLike | None = None, ckpt_every: int | None = None, log_every: int = 100,
           resume: bool = False, progress: bool = True, time_sampler: Any = "uniform",
           weighting: Callable[[Tensor], Tensor] | None = None, max_seconds: float | None = None,
-          stop_at: int | None = None, distributed: bool | None = None, keep_checkpoints: int = 1) -> TrainResult:
+          stop_at: int | None = None, distributed: bool | None = None, keep_checkpoints: int = 1,
+          coupling_workers: int = 0) -> TrainResult:
     """Train ``model`` by conditional flow matching and return a :class:`TrainResult`.
 
     Args:
@@ -183,6 +197,12 @@ def train(model: nn.Module, data: Any, *, source: Callable[[int, torch.Generator
             resume later with ``resume=True``.
         distributed: DDP on/off; None auto-detects torchrun's ``RANK``/``WORLD_SIZE``.
         keep_checkpoints: how many checkpoint directories to keep.
+        coupling_workers: couple this many batches ahead in background threads while the current
+            step trains (0: inline). Pays off when the coupling dominates the step (exact OT with a
+            small model on CPU, or any CPU coupling next to GPU training) and a core is free. The loss
+            trace does not depend on it (see ``steerflow.training.pairs``). The coupling then runs in
+            threads: per-call diagnostics such as ``Sinkhorn.last_result`` describe whichever batch
+            finished last.
 
     Raises:
         FloatingPointError: a non-finite loss, naming the first bad step (checked at log steps, before
@@ -210,6 +230,8 @@ def train(model: nn.Module, data: Any, *, source: Callable[[int, torch.Generator
         raise ValueError(f"stop_at must be an int in [1, steps={steps}], got {stop_at!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir")
+    if not (isinstance(coupling_workers, int) and not isinstance(coupling_workers, bool) and coupling_workers >= 0):
+        raise ValueError(f"coupling_workers must be an int >= 0, got {coupling_workers!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path_obj = get_path(path) if isinstance(path, str) else path
@@ -234,14 +256,15 @@ def train(model: nn.Module, data: Any, *, source: Callable[[int, torch.Generator
                     dev=dev, seed=seed, out_dir=out_dir, ckpt_every=ckpt_every, log_every=log_every,
                     resume=resume, progress=progress, time_sampler=time_sampler, sample_t=sample_t,
                     weighting=weighting, max_seconds=max_seconds, stop_at=stop_at, info=info,
-                    keep_checkpoints=keep_checkpoints)
+                    keep_checkpoints=keep_checkpoints, coupling_workers=coupling_workers)
     finally:
         ddp.teardown(info)
 
 
 def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr, weight_decay, betas, warmup,
          schedule, ema_decay, grad_clip, use_amp, dev, seed, out_dir, ckpt_every, log_every, resume,
-         progress, time_sampler, sample_t, weighting, max_seconds, stop_at, info, keep_checkpoints):
+         progress, time_sampler, sample_t, weighting, max_seconds, stop_at, info, keep_checkpoints,
+         coupling_workers):
     rank, world = info.rank, info.world_size
     out = Path(out_dir) if out_dir is not None else None
     train_config = {
@@ -259,6 +282,7 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
     dtype = next(iter(net.parameters())).dtype
     gen_host = torch.Generator("cpu").manual_seed(seed + rank)
     gen_dev = gen_host if dev.type == "cpu" else torch.Generator(dev).manual_seed(seed + rank)
+    gen_time = torch.Generator(dev).manual_seed(_time_seed(seed + rank))
     fork_devices = [dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices, device_type=dev.type if dev.type == "cuda" else "cuda"):
         torch.default_generator.manual_seed(seed + rank)
@@ -290,7 +314,7 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
             for n in layout:
                 states.append(flat[off:off + n].clone())
                 off += n
-            _set_rng_states(states, gen_host, gen_dev, dev)
+            _set_rng_states(states, gen_host, gen_dev, gen_time, dev)
             if ema is not None:
                 ema.num_updates = start
         end = stop_at if stop_at is not None else steps
@@ -312,7 +336,7 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
             pbar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
 
         def checkpoint(step: int, losses: Tensor) -> None:
-            states = _rng_states(gen_host, gen_dev, dev)
+            states = _rng_states(gen_host, gen_dev, gen_time, dev, pair_states=stream.resume_states())
             layout = [int(s.numel()) for s in states]
             flat = torch.cat([s.reshape(-1) for s in states])
             if info.enabled:
@@ -330,6 +354,13 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
                 dist.barrier()
 
         # --- the hot loop: no host syncs except at log steps --------------------------------------
+        def draw_x0(x_1: Tensor) -> Tensor:
+            if source is None:
+                return torch.randn(x_1.shape, generator=gen_dev, device=dev, dtype=x_1.dtype)
+            return source(batch_size, gen_host).to(dev, dtype=x_1.dtype, non_blocking=True)
+
+        stream = PairStream(batches, draw_x0, coupling, batch_size, gen_host, gen_dev, workers=coupling_workers,
+                            total=max(end - start, 0))
         params = list(net.parameters())
         constant_lr = schedule == "constant" and warmup == 0
         groups = optimizer.param_groups
@@ -346,14 +377,8 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
                     lr_t = lr * lr_factor(step, steps=steps, warmup=warmup, schedule=schedule)
                     for g in groups:
                         g["lr"] = lr_t
-                x_1, labels = batches(batch_size)
-                if source is None:
-                    x_0 = torch.randn(x_1.shape, generator=gen_dev, device=dev, dtype=x_1.dtype)
-                else:
-                    x_0 = source(batch_size, gen_host).to(dev, dtype=x_1.dtype, non_blocking=True)
-                if coupling is not None:
-                    x_0, x_1 = _couple(coupling, x_0, x_1, labels, gen_dev)
-                t = sample_t(batch_size, generator=gen_dev, device=dev, dtype=x_1.dtype)
+                x_0, x_1, labels = stream.next()
+                t = sample_t(batch_size, generator=gen_time, device=dev, dtype=x_1.dtype)
                 if use_amp:
                     with torch.autocast(dev.type, dtype=torch.bfloat16):
                         loss = flow_matching_loss(wrapped, x_0, x_1, t, path=path_obj, cond=labels, weighting=weighting)
@@ -417,6 +442,7 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
             if out is not None and last_ckpt != done:
                 checkpoint(done, losses)
         finally:
+            stream.close()
             if pbar is not None:
                 pbar.close()
             if log_file is not None:
@@ -424,17 +450,3 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
         stopped_early = stopped_early or done < steps
         return TrainResult(model=net, ema=ema.module if ema is not None else None, losses=losses, step=done,
                            seconds=seconds, out_dir=out, stopped_early=stopped_early)
-
-
-def _couple(coupling: Any, x_0: Tensor, x_1: Tensor, labels: Tensor | None, generator: torch.Generator):
-    out = coupling(x_0, x_1, labels=labels, generator=generator)
-    if isinstance(out, (tuple, list)):
-        new_0, new_1 = out[0], out[1]
-    else:
-        new_0, new_1 = out.x_0, out.x_1
-    if new_0.shape != x_0.shape or new_1.shape != x_1.shape:
-        raise ValueError(f"coupling changed the batch shapes: {tuple(x_0.shape)}, {tuple(x_1.shape)} -> "
-                         f"{tuple(new_0.shape)}, {tuple(new_1.shape)}")
-    return new_0, new_1
-
-
