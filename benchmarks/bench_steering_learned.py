@@ -18,7 +18,16 @@ the peak of live tensor bytes allocated during the solve, replayed from per-op s
 order (op granularity; Python objects excluded), in a second, separate 5-step solve of the same batch (the
 live set of one step does not grow with the number of steps).
 
+Second bed (``--bed patches``): 8×8 grayscale patches of scikit-image's bundled photographs
+(``steerflow.data.photos.photo_patches``). An unconditional MLP flow is trained on the overlapping (stride 4)
+patches of the training photographs and tested on non-overlapping patches of two photographs held out whole
+(``chelsea``, ``coffee``), keeping only textured ones (pixel std ≥ ``PATCH_MIN_STD`` in [-1, 1] units: flat
+background has nothing to restore); the validation patches for tuning come from the same held-out photographs
+(disjoint from the test patches). Same tasks, noises, methods, tuning and metrics; no class-guidance table
+(the patches have no classes). Results go to ``results/steering_learned_patches.{json,md}``.
+
 Reproduce:  python benchmarks/bench_steering_learned.py            (about 5 min on one CPU core, longer when busy)
+            python benchmarks/bench_steering_learned.py --bed patches   (training ≈ 5 min + the benchmark)
             python benchmarks/bench_steering_learned.py --quick    (smoke run)
             python benchmarks/bench_steering_learned.py --methods flowchef,dps --merge
                 (re-tune and re-measure only those methods; the others' rows come from the existing JSON)
@@ -67,6 +76,10 @@ PnP-Flow: step size, FlowChef: (n_inner, step size, schedule), the others: scale
 strength knob."""
 N_VAL = 8
 PROFILE_STEPS = 5
+BEDS = ("digits", "patches")
+PATCH_TRAIN_STRIDE = 4
+PATCH_MIN_STD = 0.1
+"""Test/validation patches with a smaller pixel std (in [-1, 1] units, ≈ 13 gray levels) are dropped."""
 
 
 # --- models ---------------------------------------------------------------------------------------------
@@ -74,6 +87,31 @@ def split_digits(seed: int = 0):
     data = load_digits()
     train_set, test_set = data.split((0.85, 0.15), generator=torch.Generator().manual_seed(seed))
     return train_set, test_set
+
+
+def split_patches(n_test: int, seed: int = 0):
+    """Training patches (stride ``PATCH_TRAIN_STRIDE``, all of them) and ``n_test`` textured held-out patches
+    (non-overlapping tiles of ``TEST_IMAGES`` with std ≥ ``PATCH_MIN_STD``, a seeded random subset)."""
+    from steerflow.data.photos import photo_patches
+
+    x_train = photo_patches(8, split="train", stride=PATCH_TRAIN_STRIDE)
+    x_test = photo_patches(8, split="test", min_std=PATCH_MIN_STD, max_patches=n_test,
+                           generator=torch.Generator().manual_seed(seed))
+    return x_train, x_test
+
+
+def get_patch_flow(cache: Path, x_train, steps: int) -> torch.nn.Module:
+    """The unconditional patch flow (trained once, cached like the digits flow)."""
+    out = cache / "flow"
+    if not (out / "latest.json").exists():
+        model = MLPVelocity(dim=64, hidden=512, depth=4, time_embed_dim=64)
+        t0 = time.time()
+        train(model, x_train, steps=steps, batch_size=256, lr=1e-3, warmup=min(200, steps // 10),
+              schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
+              progress=False)
+        print(f"trained the flow in {time.time() - t0:.0f} s -> {out}", flush=True)
+    ck = load_checkpoint(out)
+    return (ck.ema_model or ck.model).eval()
 
 
 def get_flow(cache: Path, train_set, steps: int) -> torch.nn.Module:
@@ -262,7 +300,9 @@ def run_class(model, noisy_clf, judge, n_per_class, steps, seed):
 
 # --- report ----------------------------------------------------------------------------------------------
 def write_markdown(res: dict, path: Path, cmd: str) -> None:
-    L = ["# Steering a learned flow: 8×8 digits", "",
+    digits = res["config"].get("bed", "digits") == "digits"
+    title = "8×8 digits" if digits else "8×8 patches of scikit-image's bundled photographs"
+    L = [f"# Steering a learned flow: {title}", "",
          f"Reproduce: `{cmd}`", "",
          res["setup"], "",
          "PSNR (dB) / SSIM vs the clean held-out image (clipped to [-1, 1], data range 2, SSIM 5×5 Gaussian window, "
@@ -319,6 +359,9 @@ def write_markdown(res: dict, path: Path, cmd: str) -> None:
         L += [f"Merged run: {', '.join(res['merged']['rerun'])} re-tuned and re-measured in this run; the rows of "
               f"{', '.join(res['merged']['kept'])} and the class-guidance table come from the previous full run "
               "(same seeds, images and protocol; their timings are from that run).", ""]
+    if not digits:
+        L += ["## Class guidance", "", "Not applicable: the photo patches have no classes (the flow is unconditional), "
+              "so there is no CFG or classifier-guidance table on this bed.", ""]
     if res.get("class"):
         L += ["## Class guidance (accuracy of a separately trained RBF-SVM on the generated digits)", "",
               "| setting | accuracy | ms/img | NFE | VJP |", "|---|---|---|---|---|"]
@@ -330,8 +373,11 @@ def write_markdown(res: dict, path: Path, cmd: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "steerflow_bench_digits"))
-    ap.add_argument("--train-steps", type=int, default=4000)
+    ap.add_argument("--bed", choices=BEDS, default="digits",
+                    help="digits: sklearn's 8×8 digits (class-conditional flow); patches: 8×8 patches of "
+                         "scikit-image's bundled photographs (unconditional flow)")
+    ap.add_argument("--cache", default=None, help="default: <tmp>/steerflow_bench_<bed>")
+    ap.add_argument("--train-steps", type=int, default=None, help="default: 4000 (digits), 15000 (patches)")
     ap.add_argument("--n-images", type=int, default=32)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--methods", default=",".join(INVERSE_METHODS))
@@ -344,22 +390,39 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="rerun (tune + test) only --methods and keep every other method's rows, strengths and the "
                          "class-guidance table from the existing --out JSON (which must come from a full run)")
-    ap.add_argument("--out", default=str(RESULTS / "steering_learned"))
+    ap.add_argument("--out", default=None,
+                    help="default: results/steering_learned (digits), results/steering_learned_patches (patches)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    digits = args.bed == "digits"
+    if args.cache is None:
+        args.cache = os.path.join(tempfile.gettempdir(), f"steerflow_bench_{args.bed}")
+    if args.train_steps is None:
+        args.train_steps = 4000 if digits else 15000
+    if args.out is None:
+        args.out = str(RESULTS / ("steering_learned" if digits else "steering_learned_patches"))
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    train_set, test_set = split_digits()
-    model = get_flow(cache, train_set, args.train_steps)
-    noisy_clf = get_noisy_classifier(cache, train_set)
+    if digits:
+        train_set, test_set = split_digits()
+        model = get_flow(cache, train_set, args.train_steps)
+        noisy_clf = get_noisy_classifier(cache, train_set)
+    else:
+        x_train, x_pool = split_patches(args.n_images + N_VAL)
+        model = get_patch_flow(cache, x_train, args.train_steps)
     if args.train_only:
         return 0
     if args.quick:
         args.n_images, args.steps, args.n_per_class = 8, 20, 3
-    judge = get_judge(train_set)
-    judge_acc = float((judge.predict(test_set.x.reshape(test_set.x.shape[0], -1).numpy())
-                       == test_set.labels.numpy()).mean())
-    x_true = test_set.x[: args.n_images]
+    if digits:
+        judge = get_judge(train_set)
+        judge_acc = float((judge.predict(test_set.x.reshape(test_set.x.shape[0], -1).numpy())
+                           == test_set.labels.numpy()).mean())
+        x_true = test_set.x[: args.n_images]
+        x_val = test_set.x[args.n_images: args.n_images + N_VAL]
+    else:
+        judge_acc = None
+        x_true, x_val = x_pool[: args.n_images], x_pool[args.n_images: args.n_images + N_VAL]
     methods = [m for m in args.methods.split(",") if m]
     previous = None
     if args.merge:
@@ -369,15 +432,30 @@ def main(argv=None) -> int:
         previous = json.loads(prev_path.read_text())
         if previous["config"].get("quick") != args.quick or previous["config"].get("steps") != args.steps:
             raise SystemExit("--merge: the existing result was made with other --quick/--steps settings")
+        if previous["config"].get("bed", "digits") != args.bed:
+            raise SystemExit(f"--merge: the existing result is from --bed {previous['config'].get('bed', 'digits')}")
     for p in model.parameters():
         p.requires_grad_(False)
-    res = {"setup": (f"Flow: MLPVelocity(dim=64, hidden=512, depth=4, n_classes=10, label dropout 0.15), "
+    if digits:
+        setup = (f"Flow: MLPVelocity(dim=64, hidden=512, depth=4, n_classes=10, label dropout 0.15), "
                      f"{args.train_steps} AdamW steps, batch 256, EMA 0.999, on {train_set.x.shape[0]} training digits; "
                      f"{x_true.shape[0]} held-out test digits; {args.steps} Euler steps; guidance on the null-class "
                      f"(unconditional) field. Each method's main strength is chosen per task from a small grid "
                      f"(TUNE_GRID) by mean PSNR on {N_VAL} other held-out digits at both noise levels (--no-tune: "
-                     f"defaults). torch {torch.__version__}, 1 thread."),
-           "methods": methods, "inverse": {}, "judge_test_accuracy": judge_acc,
+                     f"defaults). torch {torch.__version__}, 1 thread.")
+    else:
+        from steerflow.data.photos import TEST_IMAGES, TRAIN_IMAGES
+
+        setup = (f"Flow: unconditional MLPVelocity(dim=64, hidden=512, depth=4), {args.train_steps} AdamW steps, "
+                 f"batch 256, EMA 0.999, on {x_train.shape[0]} overlapping 8×8 grayscale patches (stride "
+                 f"{PATCH_TRAIN_STRIDE}, BT.709 luminance, v / 127.5 − 1) of scikit-image's bundled photographs "
+                 f"{', '.join(TRAIN_IMAGES)}; {x_true.shape[0]} test patches: non-overlapping tiles of the held-out "
+                 f"photographs {', '.join(TEST_IMAGES)} with pixel std ≥ {PATCH_MIN_STD} (a seeded random subset; "
+                 f"flat patches dropped); {args.steps} Euler steps. Each method's main strength is chosen per task "
+                 f"from a small grid (TUNE_GRID) by mean PSNR on {N_VAL} other held-out patches of the same test "
+                 f"photographs at both noise levels (--no-tune: defaults). Class guidance does not apply (the patches "
+                 f"have no classes): no CFG / classifier-guidance table. torch {torch.__version__}, 1 thread.")
+    res = {"setup": setup, "methods": methods, "inverse": {}, "judge_test_accuracy": judge_acc,
            "config": vars(args)}
     res["setup"] += (" FlowChef is tuned over n_inner ∈ {1, 3, 5, 10} inner gradient steps (v held fixed: no extra "
                      "network call), step size ∈ {4, 2, 1, 0.5, 0.2, 0.1, 0.03} and schedule ∈ {constant, linear}.")
@@ -385,7 +463,6 @@ def main(argv=None) -> int:
     if args.no_tune:
         chosen = {task: {} for task in TASKS}
     else:
-        x_val = test_set.x[args.n_images: args.n_images + N_VAL]
         chosen, res["tuning"] = tune(model, x_val, methods, noises, args.steps)
     if previous is not None:  # keep the other methods' tuning from the full run
         for task in TASKS:
@@ -432,11 +509,15 @@ def main(argv=None) -> int:
     res["flowchef_vs_dps"] = comp
     res["flowchef_vs_dps_summary"] = {k: sum(c[k] for c in comp) for k in ("met", "psnr_ok", "speed_ok", "mem_ok")}
     res["flowchef_vs_dps_summary"]["total"] = len(comp)
-    if previous is not None:
+    if not digits:
+        res["class"] = {}
+        res["class_guidance"] = "not applicable: the photo patches have no classes (unconditional flow)"
+    elif previous is not None:
         res["class"] = previous.get("class", {})
     else:
         res["class"] = run_class(model, noisy_clf, judge, args.n_per_class, args.steps, seed=0)
-    cmd = "python benchmarks/bench_steering_learned.py" + (" --quick" if args.quick else "")
+    cmd = ("python benchmarks/bench_steering_learned.py" + ("" if digits else " --bed patches")
+           + (" --quick" if args.quick else ""))
     if args.merge:
         cmd = (cmd + "  (full run), then  " + cmd + f" --methods {','.join(res['merged']['rerun'])} --merge")
     out = Path(args.out)

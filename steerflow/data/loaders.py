@@ -197,8 +197,8 @@ def load_array(path) -> ArrayDataset:
 
 
 def available_datasets() -> list[str]:
-    """Names :func:`load_dataset` resolves without a path: the toys and ``digits``."""
-    return sorted(TOYS) + ["digits"]
+    """Names :func:`load_dataset` resolves without a path: the toys, ``digits`` and ``photo_patches``."""
+    return sorted(TOYS) + ["digits", "photo_patches"]
 
 
 def load_dataset(name_or_path, *, toy_size: int = 10_000) -> AbstractDataset:
@@ -207,6 +207,7 @@ def load_dataset(name_or_path, *, toy_size: int = 10_000) -> AbstractDataset:
     * a toy name (``TOYS``: ``moons``, ``8gaussians``, ...) → :class:`ToyDataset` that samples afresh on
       every call (nominal length ``toy_size``);
     * ``"digits"`` → :func:`load_digits`;
+    * ``"photo_patches"`` → the 8×8 training patches of :func:`~steerflow.data.photos.photo_patches` (no labels);
     * a folder → :func:`load_image_folder`; a ``.npy``/``.npz``/``.csv`` file → :func:`load_array`.
 
     Raises:
@@ -217,6 +218,10 @@ def load_dataset(name_or_path, *, toy_size: int = 10_000) -> AbstractDataset:
         return ToyDataset(name_or_path, toy_size)
     if isinstance(name_or_path, str) and name_or_path == "digits":
         return load_digits()
+    if isinstance(name_or_path, str) and name_or_path == "photo_patches":
+        from .photos import photo_patches
+
+        return ArrayDataset(photo_patches(8, split="train"))
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     p = Path(os.fspath(name_or_path)).expanduser()
