@@ -24,7 +24,10 @@ then evaluated at its tuned value and at its default. Wall time is measured on o
 
 Run: ``python benchmarks/bench_steering_exact.py`` (about 40 min on a busy core; ``--quick`` for a smoke run),
 then ``python benchmarks/bench_steering_exact.py --timing`` (interleaved min-of-3 wall times, updates ``t×``).
-Writes ``benchmarks/results/steering_exact.{json,md}``.
+Writes ``benchmarks/results/steering_exact.{json,md}``. ``--methods "steerflow default,EnKG"`` (a comma-separated
+list of ``METHODS`` names; ``default`` is short for ``steerflow default``) re-runs only those methods and merges
+their rows and sweeps into the existing JSON (the other rows are kept; the Markdown is rewritten from the merged
+JSON); with ``--timing`` it re-times only those methods against fresh unguided runs.
 """
 from __future__ import annotations
 
@@ -118,6 +121,20 @@ METHODS = {
 }
 
 
+def _selected_methods() -> list[str] | None:
+    """The ``--methods a,b`` selection (names of ``METHODS``; ``default`` = ``steerflow default``), or None for all."""
+    if "--methods" not in sys.argv:
+        return None
+    i = sys.argv.index("--methods")
+    if i + 1 >= len(sys.argv):
+        raise ValueError(f"--methods needs a comma-separated list of {sorted(METHODS)}")
+    names = [("steerflow default" if n.strip() == "default" else n.strip()) for n in sys.argv[i + 1].split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or names!r}; expected names from {sorted(METHODS)} or 'default'")
+    return names
+
+
 def run(p, guidance, n, seed):
     x0 = torch.randn(n, p["mixture"].dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     cost = Cost()
@@ -132,16 +149,26 @@ def score(p, x, ref):
 
 
 def evaluate(p, make, refs):
-    rows = []
+    rows, ess = [], []
     for seed in SEEDS:
-        x, cost = run(p, make(), N_EVAL, seed)
+        g = make()
+        x, cost = run(p, g, N_EVAL, seed)
         rows.append({**score(p, x, refs[seed]), **cost.as_dict()})
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("ed", "tv", "trcov", "nfe", "vjp", "operator_calls", "seconds")}
+        if getattr(g, "ess", None) is not None:  # methods that resample at t = 1 report their effective sample size
+            ess.append(g.ess)
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in ("ed", "tv", "trcov", "nfe", "vjp", "operator_calls", "seconds")}
+    if ess:
+        out["ess"] = sum(ess) / len(ess)
+    return out
 
 
 def main():
     torch.set_num_threads(1)
     probs = problems()
+    only = _selected_methods()
+    tag = "_quick" if QUICK else ""
+    if only is not None:
+        return _rerun(probs, only, OUT / f"steering_exact{tag}.json")
     results = {"config": dict(n_eval=N_EVAL, n_tune=N_TUNE, seeds=list(SEEDS), tune_seed=TUNE_SEED, steps=STEPS,
                               solver="euler", metric="squared energy distance D² (steerflow.metrics.energy_distance)"),
                "problems": {}}
@@ -156,23 +183,8 @@ def main():
         rows["unguided"] = evaluate(p, lambda: None, refs)
         rows["exact guided ODE"] = evaluate(p, lambda: ExactPosteriorGuidance(p["mixture"], p["A"], p["y"], p["sigma"]), refs)
         sweeps = {}
-        for mname, (factory, values, default, param) in METHODS.items():
-            sw = []
-            for a in values:
-                try:
-                    x, _ = run(p, factory(p["op"], p["y"], p["sigma"], a), N_TUNE, TUNE_SEED)
-                    ed = _energy(x, tune_ref)
-                except FloatingPointError:
-                    ed = float("inf")
-                sw.append((a, ed))
-            best = min(sw, key=lambda r: r[1])[0]
-            sweeps[mname] = dict(param=param, sweep=sw, best=best, default=default)
-            rows[f"{mname} (tuned)"] = {**evaluate(p, lambda: factory(p["op"], p["y"], p["sigma"], best), refs), "value": best}
-            rows[f"{mname} (default)"] = (dict(rows[f"{mname} (tuned)"]) if best == default else
-                                          {**evaluate(p, lambda: factory(p["op"], p["y"], p["sigma"], default), refs),
-                                           "value": default})
-            print(f"[{name}] {mname}: best {param}={best:.4g} ED tuned={rows[f'{mname} (tuned)']['ed']:.4f} "
-                  f"default={rows[f'{mname} (default)']['ed']:.4f}", flush=True)
+        for mname in METHODS:
+            _tune_and_evaluate(name, p, mname, refs, tune_ref, rows, sweeps)
         base = rows["unguided"]["seconds"]
         for r in rows.values():
             if "seconds" in r:
@@ -181,11 +193,56 @@ def main():
                                          y=p["y"].tolist(), A=p["A"].tolist())
         print(f"[{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = "_quick" if QUICK else ""
     (OUT / f"steering_exact{tag}.json").write_text(json.dumps(results, indent=1))
     (OUT / f"steering_exact{tag}.md").write_text(markdown(results))
     print(markdown(results))
     print(f"reproduce: python benchmarks/bench_steering_exact.py{' --quick' if QUICK else ''}")
+
+
+def _tune_and_evaluate(name, p, mname, refs, tune_ref, rows, sweeps) -> None:
+    """Sweep ``mname``'s parameter on the tuning seed, then evaluate it tuned and at its default into ``rows``."""
+    factory, values, default, param = METHODS[mname]
+    sw = []
+    for a in values:
+        try:
+            x, _ = run(p, factory(p["op"], p["y"], p["sigma"], a), N_TUNE, TUNE_SEED)
+            ed = _energy(x, tune_ref)
+        except FloatingPointError:
+            ed = float("inf")
+        sw.append((a, ed))
+    best = min(sw, key=lambda r: r[1])[0]
+    sweeps[mname] = dict(param=param, sweep=sw, best=best, default=default)
+    rows[f"{mname} (tuned)"] = {**evaluate(p, lambda: factory(p["op"], p["y"], p["sigma"], best), refs), "value": best}
+    rows[f"{mname} (default)"] = (dict(rows[f"{mname} (tuned)"]) if best == default else
+                                  {**evaluate(p, lambda: factory(p["op"], p["y"], p["sigma"], default), refs),
+                                   "value": default})
+    print(f"[{name}] {mname}: best {param}={best:.4g} ED tuned={rows[f'{mname} (tuned)']['ed']:.4f} "
+          f"default={rows[f'{mname} (default)']['ed']:.4f}", flush=True)
+
+
+def _rerun(probs, only, path) -> None:
+    """Re-run the methods ``only`` and merge their rows and sweeps into the results at ``path``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the full benchmark first (without --methods)")
+    results = json.loads(path.read_text())
+    for name, p in probs.items():
+        t0 = time.perf_counter()
+        post = p["posterior"]
+        refs = {s: post.sample(N_EVAL, torch.Generator().manual_seed(1000 + s)) for s in SEEDS}
+        tune_ref = post.sample(N_TUNE, torch.Generator().manual_seed(2000))
+        res = results["problems"][name]
+        rows, sweeps = res["rows"], res["sweeps"]
+        for mname in only:
+            _tune_and_evaluate(name, p, mname, refs, tune_ref, rows, sweeps)
+            for k in ("tuned", "default"):  # single runs against the stored unguided time (noisy): re-time with --timing
+                r = rows[f"{mname} ({k})"]
+                r["time_ratio"] = r["seconds"] / rows["unguided"]["seconds"]
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
+    path.write_text(json.dumps(results, indent=1))
+    path.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"reproduce: python benchmarks/bench_steering_exact.py{' --quick' if QUICK else ''} --methods "
+          f"{','.join(only)!r} && python benchmarks/bench_steering_exact.py --timing --methods {','.join(only)!r}")
 
 
 def markdown(results) -> str:
@@ -209,9 +266,15 @@ def markdown(results) -> str:
         lines.append(f"| {rn} | " + " | ".join(cells) + f" | {c} |")
     lines += ["", "Problems (seeded; see the module docstring): 2d-bimodal — two components at (±1, ±1), observe x[0], "
               "y = 0.4, σ = 0.3; 8d-dense — 5-component 8-D mixture, random 3×8 A, σ = 0.3; 8d-mask — same mixture, "
-              "observe coordinates 0, 2, 4, 6, σ = 0.05.", "",
-              f"Timing: {results['config'].get('timing', 'single runs on a shared machine (noisy)')}; a tuned row has its "
-              "default's t× (same algorithm and work per step, only a coefficient differs).", "",
+              "observe coordinates 0, 2, 4, 6, σ = 0.05.", ""]
+    ess = {n: r["ess"] for n in names for k, r in results["problems"][n]["rows"].items()
+           if k == "steerflow default (default)" and "ess" in r}
+    if ess:
+        lines += ["steerflow default reweights its particles and resamples them at t = 1 (the returned batch repeats "
+                  "samples); mean effective sample size of the " + f"{results['config']['n_eval']} particles: "
+                  + ", ".join(f"{n} {e:.0f}" for n, e in ess.items()) + ".", ""]
+    lines += [f"Timing: {results['config'].get('timing', 'single runs on a shared machine (noisy)')}; a tuned row has "
+              "its default's t× (same algorithm and work per step, only a coefficient differs).", "",
               "## How the best step size moves", "", "| method | param | default | " + " | ".join(names) + " |",
               "|---|---|---|" + "---|" * len(names)]
     for m in METHODS:
@@ -236,9 +299,11 @@ def timing(repeats: int = 3):
     path = OUT / "steering_exact.json"
     results = json.loads(path.read_text())
     probs = problems()
-    makers = {"exact guided ODE": lambda p: ExactPosteriorGuidance(p["mixture"], p["A"], p["y"], p["sigma"])}
+    only = _selected_methods()
+    makers = {} if only else {"exact guided ODE": lambda p: ExactPosteriorGuidance(p["mixture"], p["A"], p["y"], p["sigma"])}
     for mname, (factory, _, default, _) in METHODS.items():
-        makers[f"{mname} (default)"] = (lambda f, a: lambda p: f(p["op"], p["y"], p["sigma"], a))(factory, default)
+        if only is None or mname in only:
+            makers[f"{mname} (default)"] = (lambda f, a: lambda p: f(p["op"], p["y"], p["sigma"], a))(factory, default)
     for name, p in probs.items():
         rows = results["problems"][name]["rows"]
         best = {k: float("inf") for k in ["unguided", *makers]}
@@ -247,6 +312,9 @@ def timing(repeats: int = 3):
                 _, cost = run(p, None if k == "unguided" else makers[k](p), N_EVAL, 0)
                 best[k] = min(best[k], cost.seconds)
         for k, sec in best.items():
+            if only is not None and k == "unguided":  # a partial re-timing leaves the reference row alone
+                rows[k]["seconds_min_retimed"] = sec
+                continue
             rows[k]["seconds_min"] = sec
             rows[k]["time_ratio"] = sec / best["unguided"]
             tuned = k.replace("(default)", "(tuned)")
@@ -254,9 +322,12 @@ def timing(repeats: int = 3):
                 rows[tuned]["time_ratio"] = rows[k]["time_ratio"]
         print(f"[{name}] " + ", ".join(f"{k}: {v / best['unguided']:.2f}x" for k, v in best.items()), flush=True)
     results["config"]["timing"] = f"t× = min over {repeats} interleaved runs / min of unguided (one thread)"
+    if only is not None:
+        results["config"]["timing"] += f"; rows of {', '.join(only)} re-timed later against their own unguided runs"
     path.write_text(json.dumps(results, indent=1))
     (OUT / "steering_exact.md").write_text(markdown(results))
-    print("reproduce: python benchmarks/bench_steering_exact.py --timing")
+    print("reproduce: python benchmarks/bench_steering_exact.py --timing"
+          + (f" --methods {','.join(only)!r}" if only else ""))
 
 
 if __name__ == "__main__":
