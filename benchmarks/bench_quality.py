@@ -14,21 +14,42 @@ Rows (per problem and seed):
 * ``budget-matched`` rows: OT-CFM trained for ``--matched-train`` steps, then reflow and distillation,
   so that the three stages together use 5000 steps — the same training budget as torchcfm.
 
+Distribution-matched one-step rows (``--rows matched``; :func:`steerflow.straighten.distill` with ``match=``):
+the student is a copy of the OT-CFM teacher, sampled as one Euler step ``x_0 + v(x_0, 0)``, trained on
+minibatches of the teacher's dopri5 pairs with the loss ``w_reg·|T(x_0) - x_1|² + λ·D²(T(x_0), y)`` against a
+fresh batch ``y`` of ``--batch`` data points per step (``--match-reg`` = w_reg, λ = 1):
+
+* ``matched[M] ← OT-CFM`` — teacher OT-CFM ``--steps`` steps, then ``--match-steps`` matching steps;
+* ``[5000 total] matched[M] ← OT-CFM N`` — teacher ``--match-train`` = N steps, then ``--steps`` − N
+  matching steps (the same number of optimiser steps *and* of data points as torchcfm's 5000 × 256);
+* ``[5000 total] distilled → energy ← OT-CFM N`` — half the remaining steps regression only, then half
+  energy distance only.
+
+``M`` = ``energy`` (Székely's energy distance) or ``ot-energy`` (OT-GAN's minibatch energy distance with the
+exact W2² cost). ``--rows matched`` alone computes only these rows and merges them into the existing JSON.
+``--match-batch B`` (with ``--match-train 0`` for the any-budget row alone) uses B pairs and B data points
+per matching step; those rows are named ``matched[M, batch B]`` and described apart (they use more data).
+
 Every row is sampled with Euler 1 / 4 / 100 steps and adaptive dopri5 (rtol = atol = 1e-5) from the same
 2000 source points. The noise floor is W2 between two fresh data sets of 2000.
 
 Run (≈ 10 min per seed on one core)::
 
-    python benchmarks/bench_quality.py --seeds 0 1 2
+    python benchmarks/bench_quality.py --seeds 0 1 2 --coupling-impl hungarian --rows base
+    python benchmarks/bench_quality.py --seeds 0 1 2 --coupling-impl hungarian --rows matched   # ≈ 6 min per seed and problem
 
-writes ``benchmarks/results/quality.json`` and ``quality.md``.
+writes (or, with only some ``--rows``, merges into) ``benchmarks/results/quality.json`` and rewrites
+``quality.md`` from the merged JSON.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,6 +68,7 @@ PROBLEMS = {"N(0,I)→moons": ("gaussian", "moons"), "8gaussians→moons": ("8ga
 SETTINGS = ("1", "4", "100", "dopri5")
 TARGETS = {"N(0,I)→moons": 0.25, "8gaussians→moons": 0.40}
 RESULTS = Path(__file__).resolve().parent / "results"
+MATCH_ARGS = ("match_steps", "match_train", "match_lr", "match_reg", "match_losses")  # the matched rows' settings
 
 
 def source_of(name):
@@ -124,10 +146,7 @@ def score(model, x_0: torch.Tensor, reference: torch.Tensor, settings=SETTINGS) 
 
 def run_problem(label: str, src: str, data: str, seed: int, args) -> dict:
     log = lambda s: print(f"[{label} seed {seed}] {s}", flush=True)  # noqa: E731
-    g_eval = torch.Generator().manual_seed(10_000 + seed)
-    x_0 = sample_toy(src, args.n_eval, g_eval)
-    reference = sample_toy(data, args.n_eval, g_eval)
-    fresh = sample_toy(data, args.n_eval, g_eval)
+    x_0, reference, fresh = eval_sets(src, data, seed, args.n_eval)
     floor = w2(fresh, reference)
     log(f"noise floor W2 {floor:.4f}")
     rows: dict[str, dict] = {}
@@ -175,18 +194,86 @@ def run_problem(label: str, src: str, data: str, seed: int, args) -> dict:
     return {"noise_floor_w2": floor, "noise_floor_energy": energy_distance(fresh, reference), "rows": rows}
 
 
+def eval_sets(src: str, data: str, seed: int, n: int):
+    g_eval = torch.Generator().manual_seed(10_000 + seed)
+    x_0 = sample_toy(src, n, g_eval)
+    reference = sample_toy(data, n, g_eval)
+    fresh = sample_toy(data, n, g_eval)
+    return x_0, reference, fresh
+
+
+def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
+    """The distribution-matched one-step rows (see the module docstring) for one problem and seed."""
+    log = lambda s: print(f"[{label} seed {seed} matched] {s}", flush=True)  # noqa: E731
+    x_0, reference, fresh = eval_sets(src, data, seed, args.n_eval)
+    rows: dict[str, dict] = {}
+    mb = args.match_batch or args.batch  # pairs and data points per matching step
+    tag = "" if mb == args.batch else f", batch {mb}"
+
+    def add(name: str, model, seconds: float, budget: int, settings=("1",), **extra) -> None:
+        sc = score(model, x_0, reference, settings)
+        s_val = straightness(model, x_0[:1000], steps=64, method="rk4") if settings != ("1",) else None
+        rows[name] = {"scores": sc, "train_s": seconds, "budget_steps": budget, "straightness": s_val, **extra}
+        log(f"{name:<48} W2@1 {sc['1']['w2']:.4f}  ({seconds:.0f} s)")
+
+    def matched(teacher, pairs, loss: str, steps: int, offset: int, model=None, regression_weight=None):
+        return distill(teacher, pairs=pairs, model=model, train_steps=steps, batch_size=mb, lr=args.match_lr,
+                       seed=seed + offset, match=loss, data=source_of(data), match_weight=1.0,
+                       regression_weight=args.match_reg if regression_weight is None else regression_weight).model
+
+    def pairs_of(teacher):
+        return generate_pairs(teacher, source_of(src), args.pairs, method="dopri5",
+                              generator=torch.Generator().manual_seed(seed + 2))
+
+    def extra(teacher_steps: int, steps: int, loss: str) -> dict:
+        return {"teacher_steps": teacher_steps, "match": loss, "match_steps": steps, "match_lr": args.match_lr,
+                "match_reg": args.match_reg, "match_batch": mb,
+                "data_points": teacher_steps * args.batch + steps * mb}
+
+    if args.match_steps:
+        teacher, sec_t = train_ours(src, data, "exact-ot", args.steps, seed, args)
+        pairs = pairs_of(teacher)
+        for loss in args.match_losses:
+            t0 = time.perf_counter()
+            m = matched(teacher, pairs, loss, args.match_steps, 5)
+            add(f"matched[{loss}{tag}] ← OT-CFM", m, sec_t + time.perf_counter() - t0, args.steps + args.match_steps,
+                **extra(args.steps, args.match_steps, loss))
+    if args.match_train:
+        n_t, rest = args.match_train, args.steps - args.match_train
+        teacher, sec_t = train_ours(src, data, "exact-ot", n_t, seed, args)
+        add(f"[{args.steps} total] OT-CFM {n_t} steps", teacher, sec_t, n_t, settings=SETTINGS,
+            data_points=n_t * args.batch)
+        pairs = pairs_of(teacher)
+        for loss in args.match_losses:
+            t0 = time.perf_counter()
+            m = matched(teacher, pairs, loss, rest, 5)
+            add(f"[{args.steps} total] matched[{loss}{tag}] ← OT-CFM {n_t}", m, sec_t + time.perf_counter() - t0,
+                args.steps, **extra(n_t, rest, loss))
+        t0 = time.perf_counter()
+        half = rest // 2
+        student = distill(teacher, pairs=pairs, train_steps=half, batch_size=mb, lr=args.match_lr,
+                          seed=seed + 3).model
+        m = matched(teacher, pairs, "energy", rest - half, 6, model=student, regression_weight=0.0)
+        add(f"[{args.steps} total] distilled {half} → energy {rest - half}{tag} ← OT-CFM {n_t}", m,
+            sec_t + time.perf_counter() - t0, args.steps,
+            **{**extra(n_t, rest, "energy"), "match_reg": 0.0, "regression_steps": half})
+    return {"noise_floor_w2": w2(fresh, reference), "noise_floor_energy": energy_distance(fresh, reference),
+            "rows": rows}
+
+
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every (row, setting) W2."""
     out = {"noise_floor_w2": _ms([r["noise_floor_w2"] for r in per_seed]), "rows": {}}
-    for name in per_seed[0]["rows"]:
+    names = list(dict.fromkeys(n for r in per_seed for n in r["rows"]))  # first-seen order over seeds
+    for name in names:
+        have = [r["rows"][name] for r in per_seed if name in r["rows"]]
         out["rows"][name] = {}
-        for s in per_seed[0]["rows"][name]["scores"]:
-            vals = [r["rows"][name]["scores"][s]["w2"] for r in per_seed if name in r["rows"]]
-            nfes = [r["rows"][name]["scores"][s]["nfe"] for r in per_seed if name in r["rows"]]
-            out["rows"][name][s] = {"w2": _ms(vals), "nfe": float(np.mean(nfes))}
-        st = [r["rows"][name]["straightness"] for r in per_seed if r["rows"][name]["straightness"] is not None]
+        for s in have[0]["scores"]:
+            out["rows"][name][s] = {"w2": _ms([h["scores"][s]["w2"] for h in have]),
+                                    "nfe": float(np.mean([h["scores"][s]["nfe"] for h in have]))}
+        st = [h["straightness"] for h in have if h["straightness"] is not None]
         out["rows"][name]["straightness"] = _ms(st) if st else None
-        out["rows"][name]["budget_steps"] = per_seed[0]["rows"][name]["budget_steps"]
+        out["rows"][name]["budget_steps"] = have[0]["budget_steps"]
     return out
 
 
@@ -194,18 +281,42 @@ def _ms(v: list[float]) -> dict:
     return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
-def markdown(results: dict, args, command: str) -> str:
+def markdown(results: dict) -> str:
+    """The Markdown report, written from the (merged) results JSON alone."""
+    pr = results["protocol"]
+    base_cmd = results["command"] + ("" if "--rows" in results["command"] else " --rows base")
     lines = ["# Sample quality vs NFE (W2, exact OT, 2000 vs 2000; lower is better)", "",
-             f"Protocol: torch threads 1, `mlp-selu` (3×64 SELU MLP), batch {args.batch}, Adam lr {args.lr:g} "
-             f"(constant for I-CFM/OT-CFM/torchcfm; cosine-annealed for reflow/distillation), {args.steps} steps, "
-             f"reflow on {args.pairs} dopri5 pairs for {args.reflow_steps} steps, distillation for "
-             f"{args.distill_steps} steps; seeds {args.seeds}; exact-OT pairing: {args.coupling_impl}. Cells: mean ± std over seeds; dopri5 cells give the "
+             f"Protocol: torch threads 1, `mlp-selu` (3×64 SELU MLP), batch {pr['batch']}, Adam lr {pr['lr']:g} "
+             f"(constant for I-CFM/OT-CFM/torchcfm; cosine-annealed for reflow/distillation), {pr['steps']} steps, "
+             f"reflow on {pr['pairs']} dopri5 pairs for {pr['reflow_steps']} steps, distillation for "
+             f"{pr['distill_steps']} steps; seeds {pr['seeds']}; exact-OT pairing: {pr['coupling_impl']}. Cells: mean ± std over seeds; dopri5 cells give the "
              "mean NFE in brackets. `budget` = total optimiser steps behind the row.", "",
-             f"Reproduce: `{command}`", ""]
+             f"Reproduce: `{base_cmd}`", ""]
+    mp = results.get("matched_protocol")
+    if mp:
+        lines += [f"Distribution-matched one-step rows (`matched[M]`): student = copy of the OT-CFM teacher, one Euler "
+                  f"step `x_0 + v(x_0, 0)`, trained by `steerflow.straighten.distill(..., match=M, data=..., "
+                  f"match_weight=1, regression_weight={mp['match_reg']:g})` on minibatches of {mp['pairs']} teacher "
+                  f"dopri5 pairs, Adam lr {mp['match_lr']:g} cosine-annealed, each step drawing one fresh batch of "
+                  f"{mp['batch']} data points for the matching term (so a row's data use is budget × {mp['batch']}, "
+                  f"like torchcfm's {mp['steps']} × {pr['batch']}). `energy` = Székely's energy distance (unbiased, "
+                  f"on the batch); `ot-energy` = OT-GAN's minibatch energy distance with the exact W2² cost "
+                  f"(two halves of {mp['batch'] // 2}). `matched[M] ← OT-CFM`: teacher {mp['steps']} steps + "
+                  f"{mp['match_steps']} matching steps; `[{mp['steps']} total] …`: teacher {mp['match_train']} + "
+                  f"{mp['steps'] - mp['match_train']} steps. Seeds {mp['seeds']}.", "",
+                  "Reproduce these rows: " + "; ".join(f"`{c}`" for c in
+                                                      dict.fromkeys(results["matched_command"].values())), ""]
+        for e in results.get("matched_extra", []):
+            lines += [f"Rows `matched[M, batch {e['match_batch']}]`: the same with {e['match_batch']} pairs and "
+                      f"{e['match_batch']} data points per matching step (two halves of {e['match_batch'] // 2} for "
+                      f"`ot-energy`), so their data use is teacher steps × {mp['batch']} + matching steps × "
+                      f"{e['match_batch']} ({'more' if e['match_batch'] > mp['batch'] else 'less'} data than the same number "
+                      f"of steps at batch {mp['batch']}); teacher {mp['steps']} + {e['match_steps']} matching steps; "
+                      f"seeds {e['seeds']}. Reproduce: `{e['command']}`", ""]
     for label, res in results["problems"].items():
         agg = res["aggregate"]
         fl = agg["noise_floor_w2"]
-        lines += [f"## {label}", "", f"Noise floor (fresh vs fresh, n={args.n_eval}): W2 = {fl['mean']:.4f} ± {fl['std']:.4f}. "
+        lines += [f"## {label}", "", f"Noise floor (fresh vs fresh, n={pr['n_eval']}): W2 = {fl['mean']:.4f} ± {fl['std']:.4f}. "
                   f"Target W2 @ 1 step ≤ {TARGETS[label]:.2f}.", "",
                   "| model | budget | Euler 1 | Euler 4 | Euler 100 | dopri5 | straightness |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -225,8 +336,8 @@ def markdown(results: dict, args, command: str) -> str:
         tc = agg["rows"].get("torchcfm OT-CFM", {}).get("1", {}).get("w2", {}).get("mean")
         lines.append("")
         for what, keep in (("any budget", lambda r: True),
-                           (f"the same budget as torchcfm (≤ {args.steps} steps)",
-                            lambda r: r["budget_steps"] <= args.steps)):
+                           (f"the same budget as torchcfm (≤ {pr['steps']} steps)",
+                            lambda r: r["budget_steps"] <= pr["steps"])):
             cands = [(n, r["1"]["w2"]["mean"], r["budget_steps"]) for n, r in agg["rows"].items()
                      if keep(r) and not n.startswith("torchcfm")]
             if not cands:
@@ -235,21 +346,34 @@ def markdown(results: dict, args, command: str) -> str:
             lines.append(f"- Best steerflow W2 @ 1 step at {what}: **{v:.3f}** ({n}, {b} steps); target ≤ "
                          f"{TARGETS[label]:.2f}: {'met' if v <= TARGETS[label] else 'NOT met'}.")
         if tc is not None:
-            lines.append(f"- torchcfm OT-CFM @ 1 step: {tc:.3f} ({args.steps} steps).")
+            lines.append(f"- torchcfm OT-CFM @ 1 step: {tc:.3f} ({pr['steps']} steps).")
         lines.append("")
     lines += [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{results['total_s'] / 60:.1f} min in total.", ""]
+              f"{results['total_s'] / 60:.1f} min in total"
+              + (f" ({results['matched_total_s'] / 60:.1f} min for the matched rows)" if mp else "") + ".", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rows", nargs="+", choices=("base", "matched"), default=["base", "matched"],
+                   help="which rows to compute; rows not computed are kept from the existing --out JSON")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--reflow-steps", type=int, default=5000)
     p.add_argument("--distill-steps", type=int, default=5000)
     p.add_argument("--matched-train", type=int, default=2000,
                    help="OT-CFM steps of the budget-matched pipeline (0 disables it)")
+    p.add_argument("--match-steps", type=int, default=10000,
+                   help="matching steps after a --steps OT-CFM teacher (0 disables those rows)")
+    p.add_argument("--match-train", type=int, default=2500,
+                   help="teacher steps of the budget-matched distribution-matching rows (0 disables them)")
+    p.add_argument("--match-lr", type=float, default=3e-3)
+    p.add_argument("--match-reg", type=float, default=0.0, help="regression weight w_reg of the matched rows")
+    p.add_argument("--match-batch", type=int, default=None,
+                   help="pairs and data points per matching step (default --batch); rows get ', batch B' in the name "
+                        "and their settings are kept apart from the main matched protocol")
+    p.add_argument("--match-losses", nargs="+", default=["ot-energy", "energy"], choices=("energy", "ot-energy"))
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -260,22 +384,73 @@ def main(argv=None) -> int:
                    help="exact-OT pairing: steerflow.couplings' exact-ot, or this script's Hungarian solver")
     p.add_argument("--out", default=str(RESULTS / "quality"))
     args = p.parse_args(argv)
+    if args.match_train and not 0 < args.match_train < args.steps:
+        p.error(f"--match-train must lie in (0, --steps={args.steps}), got {args.match_train}")
     torch.set_num_threads(1)
-    command = "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else None
+    if "base" in args.rows or results is None:
+        if "base" not in args.rows:
+            p.error(f"no {out.with_suffix('.json')} to merge into: run with --rows base first")
+        results = {"protocol": {k: v for k, v in vars(args).items() if k not in MATCH_ARGS}, "problems": {}}
+        results["command"] = command
     t0 = time.perf_counter()
-    results = {"protocol": vars(args), "problems": {}}
     for label in args.problems:
         src, data = PROBLEMS[label]
-        per_seed = [run_problem(label, src, data, seed, args) for seed in args.seeds]
-        results["problems"][label] = {"per_seed": per_seed, "aggregate": aggregate(per_seed)}
-    results["total_s"] = time.perf_counter() - t0
-    results["command"] = command
-    out = Path(args.out)
+        prob = results["problems"].setdefault(label, {"per_seed": []})
+        by_seed = {r.get("seed", s): r for s, r in zip(results["protocol"]["seeds"], prob["per_seed"])}
+        for seed in args.seeds:
+            if "base" in args.rows:
+                by_seed[seed] = {"seed": seed, **run_problem(label, src, data, seed, args)}
+            if "matched" in args.rows:
+                if seed not in by_seed:
+                    p.error(f"seed {seed} of {label} has no base rows in {out.with_suffix('.json')}")
+                m = run_matched(label, src, data, seed, args)
+                if abs(m["noise_floor_w2"] - by_seed[seed]["noise_floor_w2"]) > 1e-9:
+                    raise RuntimeError(f"{label} seed {seed}: evaluation sets differ from the base run's")
+                entry = copy.deepcopy(by_seed[seed])
+                entry["seed"] = seed
+                entry["rows"] = {n: r for n, r in entry["rows"].items() if n not in m["rows"]} | m["rows"]
+                by_seed[seed] = entry
+        order = list(dict.fromkeys(list(results["protocol"]["seeds"]) + list(args.seeds)))
+        prob["per_seed"] = [by_seed[s] for s in order if s in by_seed]
+        prob["aggregate"] = aggregate(prob["per_seed"])
+    elapsed = time.perf_counter() - t0
+    if "base" in args.rows:
+        results["protocol"]["seeds"] = list(args.seeds)
+        results["total_s"] = elapsed
+    if "matched" in args.rows and args.match_batch not in (None, args.batch):
+        extra_runs = [e for e in results.get("matched_extra", []) if e["match_batch"] != args.match_batch]
+        results["matched_extra"] = extra_runs + [{**{k: getattr(args, k) for k in MATCH_ARGS},
+                                                   "match_batch": args.match_batch, "problems": args.problems,
+                                                   "seeds": list(args.seeds), "command": command,
+                                                   "seconds": elapsed}]
+    elif "matched" in args.rows:
+        results["matched_protocol"] = {**{k: getattr(args, k) for k in MATCH_ARGS},
+                                       "seeds": list(args.seeds), "batch": args.batch, "pairs": args.pairs,
+                                       "steps": args.steps}
+        # one entry per problem: the matched rows of different problems may come from separate runs
+        cmds = results.get("matched_command")
+        times = results.get("matched_seconds")
+        if isinstance(cmds, str):  # written by an earlier version of this script: one run, its problems
+            earlier = re.search(r"--problems (.+?)(?: --|$)", cmds)
+            labels = shlex.split(earlier.group(1)) if earlier else list(results["problems"])
+            cmds = {lb: cmds for lb in labels}
+            times = {lb: results.get("matched_total_s", 0.0) / len(labels) for lb in labels}
+        cmds = dict(cmds) if isinstance(cmds, dict) else {}
+        times = dict(times) if isinstance(times, dict) else {}
+        for label in args.problems:
+            cmds[label] = command
+            times[label] = elapsed / len(args.problems)
+        results["matched_command"] = cmds
+        results["matched_seconds"] = times
+        results["matched_total_s"] = sum(times.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out.with_suffix(".json"))
-    md = markdown(results, args, command)
+    md = markdown(results)
     out.with_suffix(".md").write_text(md)
     print(md)
     print(f"reproduce: {command}")

@@ -9,10 +9,24 @@ so that one Euler step of ``v_θ`` from ``t = 0`` reproduces the ODE's end point
 velocity network's signature ``v_θ(x, t)``, so it is saved and loaded like any flow and sampled with
 ``sample(v_θ, x_0, steps=1, method="euler")``. Distilling the straight 2-RF rather than 1-RF is what makes
 this work: the 2-RF map is nearly affine along each path, and its pairs are what the student can fit.
+
+Regression alone is capped by the teacher: the student can at best reproduce ``ODE_v``, whose push-forward
+misses the data by the teacher's own error. With ``match=`` the loss gains a distribution-matching term
+against real data (the idea of Distribution Matching Distillation, Yin et al. 2024, and of critic-free
+MMD-GANs; the discrepancy ``D²`` is Székely's energy distance, ``match="energy"``, or OT-GAN's minibatch
+energy distance with the exact W₂² cost, ``match="ot-energy"``; see :mod:`.matching`):
+
+    min_θ  w_reg · E || T_θ(x_0) - x_1 ||²  +  λ · D²( {T_θ(x_0^(i))}_i , {y^(j)}_j ),   y^(j) ~ π_1 (data)
+
+on each minibatch of pairs (the same forward pass ``T_θ(x_0)`` serves both terms). ``w_reg = 0`` trains on
+the matching term alone (the student still starts from the teacher's weights, or from ``model=``, e.g. a
+student already distilled by regression). When the teacher itself misses the data (a small network after a
+short training), its pairs pull the student towards the teacher's errors, and ``w_reg = 0`` does best.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,9 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from ._fit import FitResult, check_fit_args, fit_pairs
+from .matching import get_matching_loss
 from .reflow import Pairs, generate_pairs
 
-__all__ = ["DistillResult", "OneStep", "one_step", "one_step_loss", "distill"]
+__all__ = ["DistillResult", "OneStep", "one_step", "one_step_loss", "matched_one_step_loss", "as_data_sampler",
+           "distill"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,86 @@ def one_step_loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.G
     return ((one_step(model, x_0) - x_1) ** 2).mean()
 
 
+DataSampler = Callable[[int, torch.Generator], Tensor]
+
+
+def as_data_sampler(data: Any) -> DataSampler:
+    """``data`` as a sampler ``(n, generator) -> y`` (n, *d) of i.i.d. data points.
+
+    Accepts a tensor (N, *d) (rows drawn uniformly with replacement), a callable ``data(n, generator)``,
+    or an object with ``.sample(n, generator)`` (e.g. :func:`steerflow.data.load_dataset`'s datasets;
+    labels, if returned, are dropped).
+    """
+    if torch.is_tensor(data):
+        if data.ndim < 1 or data.shape[0] < 2:
+            raise ValueError(f"data must be a tensor (N, *d) with N >= 2, got shape {tuple(data.shape)}")
+        table = data.detach()
+
+        def draw(n: int, generator: torch.Generator) -> Tensor:
+            return table[torch.randint(0, table.shape[0], (n,), generator=generator).to(table.device)]
+
+        return draw
+    if hasattr(data, "sample") and callable(data.sample):
+        def draw_from(n: int, generator: torch.Generator) -> Tensor:
+            out = data.sample(n, generator)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        return draw_from
+    if callable(data):
+        return data
+    raise TypeError(f"data must be a tensor (N, *d), a callable (n, generator) -> tensor or an object with "
+                    f".sample(n, generator); got {type(data).__name__}")
+
+
+def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, regression_weight: float = 1.0,
+                          match_batch_size: int | None = None) -> Callable[..., Tensor]:
+    """The loss ``w_reg · || T_θ(x_0) - x_1 ||² + λ · D²(T_θ(x_0), y)`` as ``loss(model, x_0, x_1, generator)``.
+
+    ``T_θ(x_0) = x_0 + v_θ(x_0, 0)`` (b, *d) on the minibatch of pairs; ``y`` (b', *d) is a fresh batch of
+    data drawn with ``generator`` (``b' = match_batch_size``, default ``b``); ``D²`` is the matching loss
+    ``match`` of :mod:`.matching` (``"energy"``: the unbiased squared energy distance, Székely & Rizzo 2013;
+    ``"ot-energy"``: OT-GAN's minibatch energy distance with the exact ``W₂²`` cost, Salimans et al. 2018).
+    """
+    loss_fn = get_matching_loss(match)
+    _check_weight(match_weight, "match_weight")
+    _check_weight(regression_weight, "regression_weight")
+    if match_batch_size is not None and (not isinstance(match_batch_size, int) or isinstance(match_batch_size, bool)
+                                         or match_batch_size < 2):
+        raise ValueError(f"match_batch_size must be an integer >= 2 or None, got {match_batch_size!r}")
+    if match_weight == 0 and regression_weight == 0:
+        raise ValueError("match_weight and regression_weight are both 0: nothing to minimise")
+    if data is None:
+        raise ValueError(f"data must be given with match={match!r} (a tensor (N, *d), a sampler (n, generator) "
+                         "or a dataset with .sample); got None")
+    draw = as_data_sampler(data)
+
+    def loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.Generator) -> Tensor:
+        x_hat = one_step(model, x_0)
+        y = draw(match_batch_size or x_0.shape[0], generator).to(device=x_hat.device, dtype=x_hat.dtype)
+        total = match_weight * loss_fn(x_hat, y)
+        if regression_weight > 0:
+            total = total + regression_weight * ((x_hat - x_1) ** 2).mean()
+        return total
+
+    return loss
+
+
+def _check_weight(w: Any, name: str) -> None:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+
+
 def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | None = None, source: Any = None,
             n_pairs: int = 20000, steps: int | None = None, method: str = "dopri5", train_steps: int = 5000,
             batch_size: int = 256, lr: float = 1e-3, model: nn.Module | None = None,
             shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
-            seed: int | None = None, cosine: bool = True, progress: bool = False) -> DistillResult:
-    """Distil a flow into a one-step generator by L2 regression on its ODE pairs.
+            seed: int | None = None, cosine: bool = True, progress: bool = False, match: str | None = None,
+            data: Any = None, match_weight: float = 1.0, regression_weight: float = 1.0,
+            match_batch_size: int | None = None) -> DistillResult:
+    """Distil a flow into a one-step generator by L2 regression on its ODE pairs (plus, optionally, matching).
+
+    Loss per minibatch of pairs: ``w_reg · || T_θ(x_0) - x_1 ||²`` (Liu et al. 2022, §2.3), plus, with
+    ``match``, ``λ · D²(T_θ(x_0), y)`` against a fresh batch ``y`` of real data (see the module docstring).
 
     Args:
         v_or_model: the teacher flow (ideally a 2-RF); used to generate ``pairs`` when those are not given,
@@ -75,11 +165,29 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
         train_steps, batch_size, lr: Adam on the pairs (cosine-annealed when ``cosine``).
         model: the student network ``v_θ(x, t)`` (default: a copy of the teacher).
         generator / seed: all randomness.
+        match: None (regression only) or a key of :data:`steerflow.straighten.matching.MATCHING_LOSSES`
+            (``"energy"`` or ``"ot-energy"``).
+        data: the data for the matching term (required with ``match``): a tensor (N, *d), a sampler
+            ``(n, generator) -> (n, *d)`` or a dataset with ``.sample(n, generator)``. Each step draws one
+            batch of ``match_batch_size`` (default ``batch_size``) points.
+        match_weight: ``λ >= 0``; regression_weight: ``w_reg >= 0`` (0 with ``match``: matching alone,
+            e.g. to fine-tune a student already distilled by regression, passed as ``model``).
 
     Returns:
         :class:`DistillResult`; sample with ``one_step(result.model, x_0)``.
     """
     check_fit_args(train_steps, batch_size, lr)
+    if match is None:
+        if data is not None:
+            raise ValueError("data= is only used with match=; pass match='energy' or drop data")
+        _check_weight(regression_weight, "regression_weight")
+        if regression_weight == 0:
+            raise ValueError("regression_weight=0 without match= leaves nothing to minimise")
+        loss_fn = one_step_loss if regression_weight == 1 else (
+            lambda m, x_0, x_1, g: regression_weight * one_step_loss(m, x_0, x_1, g))
+    else:
+        loss_fn = matched_one_step_loss(match, data, match_weight=match_weight, regression_weight=regression_weight,
+                                        match_batch_size=match_batch_size)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if pairs is None:
@@ -95,6 +203,6 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
         model = copy.deepcopy(v_or_model)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    fit = fit_pairs(model, pairs.x_0, pairs.x_1, one_step_loss, steps=train_steps, batch_size=batch_size, lr=lr,
+    fit = fit_pairs(model, pairs.x_0, pairs.x_1, loss_fn, steps=train_steps, batch_size=batch_size, lr=lr,
                     generator=generator, cosine=cosine, progress=progress, what="distill")
     return DistillResult(model=model.eval(), pairs=pairs, fit=fit)

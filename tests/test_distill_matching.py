@@ -1,0 +1,170 @@
+"""Distillation with a distribution-matching term: the differentiable energy distance and ``distill(match=)``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerflow.metrics import energy_distance, w2_gaussian
+from steerflow.models import build_model
+from steerflow.straighten import Pairs, distill, one_step
+from steerflow.straighten.matching import energy_distance_loss, get_matching_loss, minibatch_ot_energy_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_energy_loss_equals_the_metric(unbiased):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 3, generator=g, dtype=torch.float64)
+    y = 0.7 * torch.randn(90, 3, generator=g, dtype=torch.float64) + 0.3
+    got = float(energy_distance_loss(x, y, unbiased=unbiased))
+    assert got == pytest.approx(energy_distance(x, y, unbiased=unbiased), rel=1e-10, abs=1e-12)
+
+
+def test_energy_loss_is_zero_on_identical_sets_with_finite_gradient():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x = torch.cat([y[:32], y[:32]]).clone().requires_grad_(True)  # duplicated points: |x_i - x_k| = 0 off the diagonal
+    energy_distance_loss(x, y).backward()
+    assert torch.isfinite(x.grad).all()
+    same = y.clone().requires_grad_(True)
+    v = energy_distance_loss(same, y, unbiased=False)
+    assert float(v.detach()) == pytest.approx(0.0, abs=1e-12)
+    v.backward()
+    assert torch.isfinite(same.grad).all()
+    # D² >= 0 (V-statistic), > 0 for different sets, and the U-statistic of equal-law samples is near 0
+    assert float(energy_distance_loss(y + 1.0, y, unbiased=False)) > 0.5
+    u = float(energy_distance_loss(torch.randn(400, 2, generator=g), torch.randn(400, 2, generator=g)))
+    assert abs(u) < 0.02
+
+
+def test_minibatch_ot_energy_is_unbiased_at_equality_and_positive_otherwise():
+    # Same law: E[D²_OT] = 0 (all terms compare sets of equal size). A shift δ of x changes every cross term by
+    # exactly |δ|² + 2 δ·(x̄ - ȳ) (the plan does not depend on δ), so E[D²_OT] = 2 |δ|² = 2.
+    g = torch.Generator().manual_seed(7)
+    same = [float(minibatch_ot_energy_loss(torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)))
+            for _ in range(40)]
+    shifted = [float(minibatch_ot_energy_loss(torch.randn(64, 2, generator=g) + torch.tensor([1.0, 0.0]),
+                                              torch.randn(64, 2, generator=g))) for _ in range(40)]
+    assert abs(sum(same) / len(same)) < 0.1
+    assert sum(shifted) / len(shifted) == pytest.approx(2.0, abs=0.2)
+    with pytest.raises(ValueError, match="at least 4"):
+        minibatch_ot_energy_loss(torch.randn(3, 2), torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("match", ["energy", "ot-energy"])
+def test_matching_gradient_moves_a_shifted_gaussian_to_the_target(match):
+    # G(z) = s z + μ with z ~ N(0, I), target N(m, I): both discrepancies are minimised only at μ = m, s = 1.
+    loss_fn = get_matching_loss(match)
+    g = torch.Generator().manual_seed(2)
+    m = torch.tensor([2.0, -1.0])
+    mu = torch.zeros(2, requires_grad=True)
+    log_s = torch.tensor(-0.7, requires_grad=True)
+    opt = torch.optim.Adam([mu, log_s], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 150)  # annealing removes the minibatch noise at the end
+    for _ in range(150):
+        loss = loss_fn(log_s.exp() * torch.randn(128, 2, generator=g) + mu, torch.randn(128, 2, generator=g) + m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert float((mu.detach() - m).norm()) < 0.1
+    assert abs(float(log_s.detach().exp()) - 1.0) < 0.05
+
+
+def _gaussian_w2_of(x: torch.Tensor, m: torch.Tensor, S: torch.Tensor) -> float:
+    """W2 between the Gaussian fitted to ``x`` and ``N(m, S)`` (closed form; the maps here are affine)."""
+    x = x.double()
+    return w2_gaussian(x.mean(0), torch.cov(x.T), m.double(), S.double())
+
+
+@pytest.mark.parametrize("match", ["energy", "ot-energy"])
+def test_matching_corrects_a_wrong_teacher(match):
+    # Teacher pairs come from a WRONG affine map x_1 = μ' + s' x_0; the data are N(μ, s² I). Regression alone
+    # copies the teacher (W2 ≈ closed-form teacher error); adding the energy term moves the student to the data.
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    mu, s = torch.tensor([1.0, -0.5]), 0.6
+    mu_t, s_t = torch.tensor([1.6, 0.0]), 0.9
+    x_0 = torch.randn(4000, 2, generator=g)
+    pairs = Pairs(x_0, mu_t + s_t * x_0)
+
+    def data(n, generator):
+        return mu + s * torch.randn(n, 2, generator=generator)
+
+    teacher_err = w2_gaussian(mu_t, s_t**2 * torch.eye(2), mu, s**2 * torch.eye(2))
+    common = dict(pairs=pairs, train_steps=250, batch_size=128, lr=3e-3, seed=0)
+    plain = distill(model=build_model("mlp-selu", dim=2, width=32), **common)
+    matched = distill(model=build_model("mlp-selu", dim=2, width=32), match=match, data=data, match_weight=5.0,
+                      regression_weight=0.1, **common)
+    z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        w_plain = _gaussian_w2_of(one_step(plain.model, z), mu, s**2 * torch.eye(2))
+        w_matched = _gaussian_w2_of(one_step(matched.model, z), mu, s**2 * torch.eye(2))
+    assert w_plain == pytest.approx(teacher_err, abs=0.15)
+    assert w_matched < 0.5 * w_plain
+
+
+def test_energy_alone_fine_tunes_a_student_and_accepts_a_data_tensor():
+    g = torch.Generator().manual_seed(5)
+    x_0 = torch.randn(2000, 2, generator=g)
+    pairs = Pairs(x_0, x_0 + 1.0)  # teacher: shift by (1, 1); data: shift by (-1, 2)
+    target = torch.randn(3000, 2, generator=g) + torch.tensor([-1.0, 2.0])
+    torch.manual_seed(1)
+    student = distill(model=build_model("mlp-selu", dim=2, width=32), pairs=pairs, train_steps=150, batch_size=128,
+                      lr=3e-3, seed=0).model
+    tuned = distill(model=student, pairs=pairs, match="energy", data=target, regression_weight=0.0,
+                    train_steps=300, batch_size=128, lr=3e-3, seed=1).model
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        shift = (one_step(tuned, z) - z).mean(0)
+    torch.testing.assert_close(shift, torch.tensor([-1.0, 2.0]), atol=0.25, rtol=0)
+
+
+def test_data_sources_tensor_callable_and_dataset():
+    from steerflow.data import load_dataset
+    from steerflow.straighten import as_data_sampler
+
+    g = torch.Generator().manual_seed(8)
+    table = torch.arange(10.0)[:, None].repeat(1, 2)
+    rows = as_data_sampler(table)(50, g)
+    assert rows.shape == (50, 2) and set(rows[:, 0].tolist()) <= set(range(10))
+    assert as_data_sampler(lambda n, generator: torch.zeros(n, 2))(3, g).shape == (3, 2)
+    moons = as_data_sampler(load_dataset("moons"))
+    assert moons(7, torch.Generator().manual_seed(0)).shape == (7, 2)
+    torch.testing.assert_close(moons(7, torch.Generator().manual_seed(0)), moons(7, torch.Generator().manual_seed(0)))
+
+
+def test_bad_inputs_name_the_argument():
+    pairs = Pairs(torch.randn(64, 2), torch.randn(64, 2))
+    model = build_model("mlp-selu", dim=2, width=8)
+    data = torch.randn(64, 2)
+    kw = dict(pairs=pairs, model=model, train_steps=1, batch_size=8)
+    with pytest.raises(ValueError, match="match_weight"):
+        distill(match="energy", data=data, match_weight=-1.0, **kw)
+    with pytest.raises(ValueError, match="regression_weight"):
+        distill(match="energy", data=data, regression_weight=float("nan"), **kw)
+    with pytest.raises(ValueError, match="data"):
+        distill(match="energy", data=None, **kw)
+    with pytest.raises(ValueError, match="data"):
+        distill(data=data, **kw)  # data without match
+    with pytest.raises(ValueError, match="match"):
+        distill(match="wasserstein", data=data, **kw)
+    with pytest.raises(TypeError, match="data"):
+        distill(match="energy", data=3.0, **kw)
+    with pytest.raises(ValueError, match="nothing to minimise"):
+        distill(match="energy", data=data, match_weight=0.0, regression_weight=0.0, **kw)
+    with pytest.raises(ValueError, match="regression_weight"):
+        distill(regression_weight=0.0, **kw)
+    with pytest.raises(ValueError, match="match_batch_size"):
+        distill(match="energy", data=data, match_batch_size=1, **kw)
+    with pytest.raises(ValueError, match="dimension"):
+        energy_distance_loss(torch.randn(4, 2), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="unknown match"):
+        get_matching_loss("mmd")
