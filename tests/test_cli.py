@@ -106,6 +106,22 @@ def test_reflow_then_distill(capsys, trained, tmp_path):
     assert rc == 0 and np.load(tmp_path / "d.npy").shape == (10, 2)
 
 
+def test_distill_with_distribution_matching(capsys, trained, tmp_path):
+    """--match trains the one-step map against fresh data batches of the teacher's dataset (or --data)."""
+    common = ["--n-pairs", 64, "--pair-method", "euler", "--pair-steps", 4, "--steps", 6, "--batch", 16, "--quiet"]
+    out = tmp_path / "matched"
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", out, "--match", "ot-energy", *common)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["kind"] == "distilled"
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", out, "--n", 10, "--out", tmp_path / "m.npy")
+    assert rc == 0 and np.load(tmp_path / "m.npy").shape == (10, 2)
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "m2", "--match", "energy",
+                         "--data", "digits", *common)
+    assert_one_line_error(rc, err, "shape")
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "m3", "--data", "moons", *common)
+    assert_one_line_error(rc, err, "--match")
+
+
 def test_error_paths_are_one_line_with_exit_code_2(capsys, trained, tmp_path):
     rc, _, err = run_cli(capsys, "train", "--data", "nosuchdata", "--steps", 1, "--out", tmp_path / "x", *TINY)
     assert_one_line_error(rc, err, "nosuchdata")

@@ -41,6 +41,16 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default=None,
                    help=f"a pairs file to regress on (e.g. a reflow run's {PAIRS_FILE}); default: new pairs "
                         "(x_0, ODE(x_0)) from the teacher, as Liu et al. distil a k-RF on its own coupling")
+    p.add_argument("--match", choices=("energy", "ot-energy"), default=None,
+                   help="add a distribution-matching term against a fresh data batch each step: energy "
+                        "(Szekely's energy distance) or ot-energy (minibatch energy distance with the exact W2 "
+                        "cost, the stronger one on thin 2-D structure)")
+    p.add_argument("--data", default=None,
+                   help="data for --match (a dataset name or file; default: the teacher's training data)")
+    p.add_argument("--match-weight", type=C.nonneg_float, default=1.0, help="weight of the matching term")
+    p.add_argument("--regression-weight", type=C.nonneg_float, default=None,
+                   help="weight of the regression onto the teacher's pairs (default 1, or 0 with --match: "
+                        "the teacher's own sampling error then does not cap the student)")
 
 
 def _pair_steps(args) -> int | None:
@@ -89,9 +99,25 @@ def run_distill(args: argparse.Namespace) -> int:
             raise CLIError(f"--pairs {str(pairs_path)!r} holds points of shape {tuple(pairs.x_0.shape[1:])}, "
                            f"but the model expects {event_shape}")
     source = C.source_sampler(teacher.info.source, event_shape)
-    res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
-                  method=args.pair_method, train_steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                  progress=not args.quiet)
+    data = None
+    if args.match is not None:
+        data_name = args.data or teacher.info.data
+        if not data_name:
+            raise CLIError("--match needs data: pass --data (the teacher's checkpoint names no dataset)")
+        data = C.load_data(data_name)
+        shape = tuple(data.event_shape)
+        if shape != event_shape:
+            raise CLIError(f"--data {data_name!r} holds points of shape {shape}, but the model expects {event_shape}")
+    elif args.data is not None:
+        raise CLIError("--data is used by --match only; add --match energy or --match ot-energy")
+    reg = args.regression_weight if args.regression_weight is not None else (0.0 if args.match else 1.0)
+    try:
+        res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
+                      method=args.pair_method, train_steps=args.steps, batch_size=args.batch, lr=args.lr,
+                      seed=args.seed, progress=not args.quiet, match=args.match, data=data,
+                      match_weight=args.match_weight, regression_weight=reg)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     out = Path(args.out)
     info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="distilled",
                      coupling=teacher.info.coupling, path=teacher.info.path, k=teacher.info.k,
@@ -99,7 +125,8 @@ def run_distill(args: argparse.Namespace) -> int:
     C.save_flow(res.model, out, info, step=args.steps,
                 config={"command": "distill", "teacher": str(teacher.directory), "n_pairs": len(res.pairs),
                         "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
-                        "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "seed": args.seed})
+                        "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "seed": args.seed,
+                        "match": args.match, "match_weight": args.match_weight, "regression_weight": reg})
     print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
           f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
     return 0
