@@ -10,18 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cli_helpers import assert_one_line_error, run_cli
 from steerflow.cli.main import COMMANDS, build_parser, main
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks run fastest on one thread (and do not oversubscribe a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = ["--model", "mlp-selu", "--hidden", "16", "--batch", "64", "--quiet"]

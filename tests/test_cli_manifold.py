@@ -19,12 +19,6 @@ QUICK = ["--hidden", "16", "--batch", "32", "--quiet"]
 LOG_4PI = math.log(4 * math.pi)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_latlon_csv(path, n: int, seed: int = 0, spread: float = 8.0) -> None:

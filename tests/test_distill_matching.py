@@ -10,12 +10,6 @@ from steerflow.straighten import Pairs, distill, one_step
 from steerflow.straighten.matching import energy_distance_loss, get_matching_loss, minibatch_ot_energy_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("unbiased", [False, True])

@@ -12,13 +12,6 @@ from steerflow.models import build_model
 from steerflow.straighten import Pairs, distill, generate_pairs, one_step, reflow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks run fastest on one thread (and do not oversubscribe a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def normal2(n, generator=None):
