@@ -175,9 +175,9 @@ def test_demo_quick_writes_its_files(capsys, tmp_path):
                  "losses.png"):
         assert (d / name).is_file() and (d / name).stat().st_size > 0, name
     res = json.loads((d / "results.json").read_text())
-    assert set(res["scores"]) == {"1-RF", "OT-CFM", "2-RF", "distilled"}
+    assert set(res["scores"]) == {"1-RF", "OT-CFM", "2-RF", "distilled", "matched"}
     assert set(res["scores"]["OT-CFM"]) == {"1", "2", "4", "8", "dopri5"}
-    assert set(res["scores"]["distilled"]) == {"1"}
+    assert set(res["scores"]["distilled"]) == set(res["scores"]["matched"]) == {"1"}
     for model, by_nfe in res["scores"].items():
         for s in by_nfe.values():
             assert np.isfinite(s["w2"]) and s["w2"] > 0
