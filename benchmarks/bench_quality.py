@@ -209,6 +209,8 @@ def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
     rows: dict[str, dict] = {}
     mb = args.match_batch or args.batch  # pairs and data points per matching step
     tag = "" if mb == args.batch else f", batch {mb}"
+    if args.student_width:
+        tag += f", student MLP {args.student_width}×3"
 
     def add(name: str, model, seconds: float, budget: int, settings=("1",), **extra) -> None:
         sc = score(model, x_0, reference, settings)
@@ -217,6 +219,13 @@ def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
         log(f"{name:<48} W2@1 {sc['1']['w2']:.4f}  ({seconds:.0f} s)")
 
     def matched(teacher, pairs, loss: str, steps: int, offset: int, model=None, regression_weight=None):
+        if model is None and args.student_width:  # a fresh, wider student: regression warm start, then matching
+            torch.manual_seed(seed + offset)
+            student = build_model("mlp", dim=2, hidden=args.student_width, depth=3)
+            warm = steps // 3
+            model = distill(teacher, pairs=pairs, model=student, train_steps=warm, batch_size=mb, lr=args.match_lr,
+                            seed=seed + offset + 100).model
+            steps -= warm
         return distill(teacher, pairs=pairs, model=model, train_steps=steps, batch_size=mb, lr=args.match_lr,
                        seed=seed + offset, match=loss, data=source_of(data), match_weight=1.0,
                        regression_weight=args.match_reg if regression_weight is None else regression_weight).model
@@ -241,22 +250,24 @@ def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
     if args.match_train:
         n_t, rest = args.match_train, args.steps - args.match_train
         teacher, sec_t = train_ours(src, data, "exact-ot", n_t, seed, args)
-        add(f"[{args.steps} total] OT-CFM {n_t} steps", teacher, sec_t, n_t, settings=SETTINGS,
-            data_points=n_t * args.batch)
+        if not args.student_width:  # (the student variants reuse this row from the main matched run)
+            add(f"[{args.steps} total] OT-CFM {n_t} steps", teacher, sec_t, n_t, settings=SETTINGS,
+                data_points=n_t * args.batch)
         pairs = pairs_of(teacher)
         for loss in args.match_losses:
             t0 = time.perf_counter()
             m = matched(teacher, pairs, loss, rest, 5)
             add(f"[{args.steps} total] matched[{loss}{tag}] ← OT-CFM {n_t}", m, sec_t + time.perf_counter() - t0,
                 args.steps, **extra(n_t, rest, loss))
-        t0 = time.perf_counter()
-        half = rest // 2
-        student = distill(teacher, pairs=pairs, train_steps=half, batch_size=mb, lr=args.match_lr,
-                          seed=seed + 3).model
-        m = matched(teacher, pairs, "energy", rest - half, 6, model=student, regression_weight=0.0)
-        add(f"[{args.steps} total] distilled {half} → energy {rest - half}{tag} ← OT-CFM {n_t}", m,
-            sec_t + time.perf_counter() - t0, args.steps,
-            **{**extra(n_t, rest, "energy"), "match_reg": 0.0, "regression_steps": half})
+        if not args.student_width:
+            t0 = time.perf_counter()
+            half = rest // 2
+            student = distill(teacher, pairs=pairs, train_steps=half, batch_size=mb, lr=args.match_lr,
+                              seed=seed + 3).model
+            m = matched(teacher, pairs, "energy", rest - half, 6, model=student, regression_weight=0.0)
+            add(f"[{args.steps} total] distilled {half} → energy {rest - half}{tag} ← OT-CFM {n_t}", m,
+                sec_t + time.perf_counter() - t0, args.steps,
+                **{**extra(n_t, rest, "energy"), "match_reg": 0.0, "regression_steps": half})
     return {"noise_floor_w2": w2(fresh, reference), "noise_floor_energy": energy_distance(fresh, reference),
             "rows": rows}
 
@@ -307,6 +318,14 @@ def markdown(results: dict) -> str:
                   "Reproduce these rows: " + "; ".join(f"`{c}`" for c in
                                                       dict.fromkeys(results["matched_command"].values())), ""]
         for e in results.get("matched_extra", []):
+            if e.get("student_width"):
+                w = e["student_width"]
+                lines += [f"Rows `…, student MLP {w}×3`: the student is a fresh MLP ({w} wide, 3 hidden layers, "
+                          f"sinusoidal time embedding) instead of a copy of the teacher; of the matching steps a third "
+                          f"regress onto the teacher's pairs (warm start), the rest use the matching term alone; same "
+                          f"teacher, data use and budget as the rows without the suffix; seeds {e['seeds']}. "
+                          f"Reproduce: `{e['command']}`", ""]
+                continue
             lines += [f"Rows `matched[M, batch {e['match_batch']}]`: the same with {e['match_batch']} pairs and "
                       f"{e['match_batch']} data points per matching step (two halves of {e['match_batch'] // 2} for "
                       f"`ot-energy`), so their data use is teacher steps × {mp['batch']} + matching steps × "
@@ -374,6 +393,10 @@ def main(argv=None) -> int:
                    help="pairs and data points per matching step (default --batch); rows get ', batch B' in the name "
                         "and their settings are kept apart from the main matched protocol")
     p.add_argument("--match-losses", nargs="+", default=["ot-energy", "energy"], choices=("energy", "ot-energy"))
+    p.add_argument("--student-width", type=int, default=None,
+                   help="instead of a copy of the teacher, a fresh MLP (W×3, sinusoidal time embedding) as the "
+                        "one-step student: a third of the matching steps regress onto the teacher's pairs, the "
+                        "rest match; rows get ', student MLP W×3' in the name and are described apart")
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -420,10 +443,13 @@ def main(argv=None) -> int:
     if "base" in args.rows:
         results["protocol"]["seeds"] = list(args.seeds)
         results["total_s"] = elapsed
-    if "matched" in args.rows and args.match_batch not in (None, args.batch):
-        extra_runs = [e for e in results.get("matched_extra", []) if e["match_batch"] != args.match_batch]
+    if "matched" in args.rows and (args.match_batch not in (None, args.batch) or args.student_width):
+        extra_runs = [e for e in results.get("matched_extra", [])
+                      if (e["match_batch"], e.get("student_width")) != (args.match_batch or args.batch,
+                                                                         args.student_width)]
         results["matched_extra"] = extra_runs + [{**{k: getattr(args, k) for k in MATCH_ARGS},
-                                                   "match_batch": args.match_batch, "problems": args.problems,
+                                                   "match_batch": args.match_batch or args.batch,
+                                                   "student_width": args.student_width, "problems": args.problems,
                                                    "seeds": list(args.seeds), "command": command,
                                                    "seconds": elapsed}]
     elif "matched" in args.rows:
