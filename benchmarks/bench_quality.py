@@ -323,7 +323,9 @@ def markdown(results: dict) -> str:
                 lines += [f"Rows `…, student MLP {w}×3`: the student is a fresh MLP ({w} wide, 3 hidden layers, "
                           f"sinusoidal time embedding) instead of a copy of the teacher; of the matching steps a third "
                           f"regress onto the teacher's pairs (warm start), the rest use the matching term alone; same "
-                          f"teacher, data use and budget as the rows without the suffix; seeds {e['seeds']}. "
+                          f"teacher settings, data use and budget as the rows without the suffix (the teacher is "
+                          f"retrained in that run, so its draws of t may differ from the stored rows'); seeds "
+                          f"{e['seeds']}. "
                           f"Reproduce: `{e['command']}`", ""]
                 continue
             lines += [f"Rows `matched[M, batch {e['match_batch']}]`: the same with {e['match_batch']} pairs and "
