@@ -181,6 +181,14 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
 
 
 # --- data, sources, checkpoints ---------------------------------------------------------------------
+def coupling_workers(requested: int | None, coupling) -> int:
+    """``--coupling-workers``, or by default one worker for a coupling (exact OT, Sinkhorn) when the
+    machine has a second core: the coupling of the next batch then runs beside the training step."""
+    if requested is not None:
+        return requested
+    return 1 if coupling is not None and (os.cpu_count() or 1) >= 2 else 0
+
+
 def load_data(name: str):
     """``steerflow.data.load_dataset(name)`` with a one-line error for unknown names and bad files."""
     from ..data import load_dataset

@@ -59,9 +59,10 @@ def _train(model, data_name: str, source, coupling: str, cfg: DemoConfig, seed: 
     from ..data import load_dataset
     from ..training import train
 
-    res = train(model, load_dataset(data_name), source=source,
-                coupling=None if coupling == "independent" else coupling, path="linear",
-                steps=cfg.train_steps, batch_size=cfg.batch, lr=cfg.lr, seed=seed, device="cpu", progress=False)
+    coupling = None if coupling == "independent" else coupling
+    res = train(model, load_dataset(data_name), source=source, coupling=coupling, path="linear",
+                steps=cfg.train_steps, batch_size=cfg.batch, lr=cfg.lr, seed=seed, device="cpu", progress=False,
+                coupling_workers=C.coupling_workers(None, coupling))
     return res.model.eval(), res.losses.tolist()
 
 

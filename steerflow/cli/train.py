@@ -27,9 +27,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coupling", choices=COUPLINGS, default="independent",
                    help="how minibatch noise and data are paired: independent (I-CFM / 1-RF), exact-ot "
                         "(OT-CFM), sinkhorn (entropic OT)")
-    p.add_argument("--coupling-workers", type=C.nonneg_int, default=0,
-                   help="couple this many batches ahead in background threads while the current step trains "
-                        "(pays off for exact-ot/sinkhorn when a core is free; the loss trace does not change)")
+    p.add_argument("--coupling-workers", type=C.nonneg_int, default=None,
+                   help="couple this many batches ahead in background threads while the current step trains; "
+                        "the loss trace does not change (default: 1 for exact-ot/sinkhorn when the machine has a "
+                        "second core, else 0)")
     p.add_argument("--steps", type=C.positive_int, default=5000, help="optimisation steps")
     p.add_argument("--batch", type=C.positive_int, default=256, help="batch size")
     p.add_argument("--out", default="steerflow_run", help="checkpoint directory")
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     res = train(model, dataset, source=source, coupling=coupling, path=args.path, steps=args.steps,
                 batch_size=args.batch, lr=args.lr, schedule=args.schedule, ema_decay=args.ema or None,
                 seed=args.seed, device=device, out_dir=out, resume=args.resume, progress=not args.quiet,
-                coupling_workers=args.coupling_workers)
+                coupling_workers=C.coupling_workers(args.coupling_workers, coupling))
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
     C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling,
               path=args.path).save(out)
