@@ -121,6 +121,28 @@ def test_energy_alone_fine_tunes_a_student_and_accepts_a_data_tensor():
     torch.testing.assert_close(shift, torch.tensor([-1.0, 2.0]), atol=0.25, rtol=0)
 
 
+def test_matching_alone_solves_no_teacher_ode():
+    """With regression_weight=0 only x_0 is read: the teacher is never integrated (a teacher that fails when
+    called proves it), and the student still moves towards the data."""
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, t, cond=None):
+            raise AssertionError("the teacher ODE was solved")
+
+    target = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2)) + 2.0
+    torch.manual_seed(0)
+    res = distill(Exploding(), source=lambda n, generator: torch.randn(n, 2, generator=generator), n_pairs=256,
+                  model=build_model("mlp-selu", dim=2, width=32), match="energy", data=target, regression_weight=0.0,
+                  train_steps=200, batch_size=128, lr=3e-3, seed=0)
+    z = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        shift = (one_step(res.model, z) - z).mean(0)
+    torch.testing.assert_close(shift, torch.tensor([2.0, 2.0]), atol=0.3, rtol=0)
+
+
 def test_data_sources_tensor_callable_and_dataset():
     from steerflow.data import load_dataset
     from steerflow.straighten import as_data_sampler
@@ -130,6 +152,10 @@ def test_data_sources_tensor_callable_and_dataset():
     rows = as_data_sampler(table)(50, g)
     assert rows.shape == (50, 2) and set(rows[:, 0].tolist()) <= set(range(10))
     assert as_data_sampler(lambda n, generator: torch.zeros(n, 2))(3, g).shape == (3, 2)
+    labelled = as_data_sampler(lambda n, generator: (torch.ones(n, 2), torch.zeros(n, dtype=torch.long)))
+    assert torch.equal(labelled(4, g), torch.ones(4, 2))  # labels are dropped, as for .sample
+    with pytest.raises(TypeError, match="must return a tensor"):
+        as_data_sampler(lambda n, generator: [1, 2])(4, g)
     moons = as_data_sampler(load_dataset("moons"))
     assert moons(7, torch.Generator().manual_seed(0)).shape == (7, 2)
     torch.testing.assert_close(moons(7, torch.Generator().manual_seed(0)), moons(7, torch.Generator().manual_seed(0)))

@@ -103,6 +103,19 @@ def test_auto_reweighting_needs_enough_particles_per_dimension():
     assert g.ess is not None and 1.0 <= g.ess <= 100.0
 
 
+def test_empty_groups_of_the_local_linearisation_in_high_dimension():
+    # d = 70 takes the bounded-memory path of the group moments; particles that sit on two points only leave
+    # most of the 8 k-means groups empty — they must count as empty, not break the scatter
+    d, b = 70, 600
+    mix = GaussianMixture([1.0], torch.zeros(1, d, dtype=F64), torch.eye(d, dtype=F64)[None])
+    A = Mask(torch.arange(d) % 2 == 0)
+    y = torch.full((d,), 0.3, dtype=F64)
+    g = SteerflowDefault(A, y, 0.1, resample=True, n_clusters=8)
+    two = torch.randn(2, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = sample(mix.velocity, two.repeat(b // 2, 1), steps=6, guidance=g, generator=torch.Generator().manual_seed(1))
+    assert x.shape == (b, d) and torch.isfinite(x).all() and g.ess is not None
+
+
 def test_per_sample_measurements_are_not_pooled():
     mix, A, _, sigma, _ = _bimodal()
     y = torch.linspace(-1, 1, 400, dtype=F64)[:, None]  # a different measurement for every sample

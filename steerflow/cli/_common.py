@@ -186,7 +186,8 @@ def coupling_workers(requested: int | None, coupling) -> int:
     machine has a second core: the coupling of the next batch then runs beside the training step."""
     if requested is not None:
         return requested
-    return 1 if coupling is not None and (os.cpu_count() or 1) >= 2 else 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if coupling is not None and cores >= 2 else 0
 
 
 def load_data(name: str):

@@ -122,11 +122,8 @@ def run_demo(cfg: DemoConfig, out: Path, log: Callable[[str], None] = print) -> 
     tick("distill", t0)
 
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed + 5)
-    pairs_ot = generate_pairs(models["OT-CFM"], source, cfg.n_pairs, steps=pair_steps, method=cfg.pair_method,
-                              generator=g)
-    mt = distill(models["OT-CFM"], pairs=pairs_ot, train_steps=cfg.distill_steps, batch_size=cfg.batch,
-                 lr=3 * cfg.lr, seed=cfg.seed + 6, match="ot-energy", regression_weight=0.0,
+    mt = distill(models["OT-CFM"], source=source, n_pairs=cfg.n_pairs, train_steps=cfg.distill_steps,
+                 batch_size=cfg.batch, lr=3 * cfg.lr, seed=cfg.seed + 6, match="ot-energy", regression_weight=0.0,
                  data=lambda n, generator=None: sample_toy(cfg.data, n, generator))
     models["matched"] = mt.model
     losses["matched (minibatch-OT energy)"] = list(mt.fit.losses)

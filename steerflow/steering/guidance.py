@@ -736,7 +736,7 @@ class SteerflowDefault(AbstractGuidance):
             F = torch.cat([torch.ones_like(U[:, :1]), U, X1, outer], 1)
             sums = torch.zeros(K, F.shape[1], dtype=X.dtype, device=X.device).index_add_(0, lab, F)
         else:  # bounded memory for larger d: one group at a time
-            sums = torch.stack([torch.cat([torch.ones_like(u[:1, 0]) * u.shape[0], u.sum(0), z.sum(0),
+            sums = torch.stack([torch.cat([u.new_full((1,), u.shape[0]), u.sum(0), z.sum(0),
                                            torch.cat([u.T @ u, u.T @ z], 1).reshape(-1)])
                                 for u, z in ((U[lab == k], X1[lab == k]) for k in range(K))])
         cnt = sums[:, 0]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._fit import FitResult, check_fit_args, fit_pairs
 from .matching import get_matching_loss
-from .reflow import Pairs, generate_pairs
+from .reflow import Pairs, _model_device_dtype, as_source, generate_pairs
 
 __all__ = ["DistillResult", "OneStep", "one_step", "one_step_loss", "matched_one_step_loss", "as_data_sampler",
            "distill"]
@@ -101,7 +101,15 @@ def as_data_sampler(data: Any) -> DataSampler:
 
         return draw_from
     if callable(data):
-        return data
+        def draw_called(n: int, generator: torch.Generator) -> Tensor:
+            out = data(n, generator)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if not torch.is_tensor(out):
+                raise TypeError(f"data(n, generator) must return a tensor (n, *d) or (x, labels), got "
+                                f"{type(out).__name__}")
+            return out
+
+        return draw_called
     raise TypeError(f"data must be a tensor (N, *d), a callable (n, generator) -> tensor or an object with "
                     f".sample(n, generator); got {type(data).__name__}")
 
@@ -171,7 +179,9 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             ``(n, generator) -> (n, *d)`` or a dataset with ``.sample(n, generator)``. Each step draws one
             batch of ``match_batch_size`` (default ``batch_size``) points.
         match_weight: ``λ >= 0``; regression_weight: ``w_reg >= 0`` (0 with ``match``: matching alone,
-            e.g. to fine-tune a student already distilled by regression, passed as ``model``).
+            e.g. to fine-tune a student already distilled by regression, passed as ``model``; without
+            ``pairs`` only ``x_0`` is drawn from ``source`` — no teacher ODE is solved — and the returned
+            ``pairs.x_1`` is a copy of ``x_0``).
 
     Returns:
         :class:`DistillResult`; sample with ``one_step(result.model, x_0)``.
@@ -193,8 +203,15 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
     if pairs is None:
         if v_or_model is None or source is None:
             raise ValueError("distill needs pairs=, or a teacher flow and source= to generate them")
-        pairs = generate_pairs(v_or_model, source, n_pairs, steps=steps, method=method, generator=generator,
-                               shape=shape)
+        if match is not None and regression_weight == 0:
+            # matching alone reads only x_0: no teacher ODE to solve (x_1 is a placeholder the loss ignores)
+            _, dtype = _model_device_dtype(v_or_model)
+            x_0 = as_source(source, shape)(n_pairs, generator).detach().cpu()
+            x_0 = x_0.to(dtype) if dtype is not None else x_0
+            pairs = Pairs(x_0, x_0)
+        else:
+            pairs = generate_pairs(v_or_model, source, n_pairs, steps=steps, method=method, generator=generator,
+                                   shape=shape)
     elif not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs, got {type(pairs).__name__}")
     if model is None:

@@ -54,7 +54,7 @@ class PairStream:
     def __init__(self, draw_x1: Callable[[int], tuple[Tensor, Tensor | None]], draw_x0: Callable[[Tensor], Tensor],
                  coupling: Any, batch_size: int, gen_host: torch.Generator, gen_dev: torch.Generator,
                  workers: int = 0, total: int | None = None) -> None:
-        if not (isinstance(workers, int) and workers >= 0):
+        if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
             raise ValueError(f"coupling_workers must be an int >= 0, got {workers!r}")
         self.draw_x1, self.draw_x0, self.coupling = draw_x1, draw_x0, coupling
         self.batch_size, self.gen_host, self.gen_dev = batch_size, gen_host, gen_dev
