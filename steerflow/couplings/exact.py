@@ -181,6 +181,11 @@ def solve_assignment(C: Tensor, *, solver: str = "auto", auction_min_size: int =
         raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")
     if not all_finite(C):
         raise ValueError("the cost matrix holds NaN or inf")
+    return _assign(C, solver, auction_min_size)
+
+
+def _assign(C: Tensor, solver: str, auction_min_size: int) -> Tensor:
+    """:func:`solve_assignment` on an already checked square, finite ``C`` and a known ``solver``."""
     n = C.shape[0]
     C64 = C.detach().to(torch.float64)
     if solver == "auto" and n >= 2 and _have_pot():
@@ -189,7 +194,7 @@ def solve_assignment(C: Tensor, *, solver: str = "auto", auction_min_size: int =
     if solver == "emd":
         perm = _emd_permutation(np.ascontiguousarray(C64.cpu().numpy()))
         if perm is not None:
-            return torch.from_numpy(perm.astype(np.int64)).to(C.device)
+            return torch.from_numpy(perm).to(C.device)
         use_auction = True
     if use_auction and n >= 2:
         # float32 suffices for a warm start (ε_final ≫ float32 rounding) and halves memory traffic
@@ -226,5 +231,5 @@ class ExactOT(AbstractIndexCoupling):
         return f"ExactOT(cost={cost!r}, solver={self.solver!r})"
 
     def _indices(self, x_0, x_1, labels, generator):
-        C = cost_matrix(self.cost, x_0, x_1)
-        return solve_assignment(C, solver=self.solver, auction_min_size=self.auction_min_size)
+        C = cost_matrix(self.cost, x_0, x_1)  # square and checked finite: no second check
+        return _assign(C, self.solver, self.auction_min_size)

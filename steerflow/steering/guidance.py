@@ -160,16 +160,10 @@ class ExactPosteriorGuidance(AbstractGuidance):
             A = A.matrix((mixture.dim,))
         A = torch.as_tensor(A, dtype=mixture.dtype)
         y = torch.as_tensor(y, dtype=mixture.dtype).reshape(-1)
-        if A.ndim != 2 or A.shape[1] != mixture.dim:
-            raise ValueError(f"A must have shape (m, {mixture.dim}), got {tuple(A.shape)}")
-        if y.shape != (A.shape[0],):
-            raise ValueError(f"y must have shape ({A.shape[0]},), got {tuple(y.shape)}")
         if not torch.isfinite(y).all():
             raise ValueError("the measurement y holds NaN or inf")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be positive for the exact posterior, got {sigma}")
+        post = mixture.posterior(A, y, sigma)  # checks the shapes of A and y and sigma > 0
         self.mixture, self.A, self.y, self.sigma, self.t_min = mixture, A, y, float(sigma), t_min
-        post = mixture.posterior(A, y, sigma)
         self.posterior_mean = (post.weights[:, None] * post.means).sum(0)
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):

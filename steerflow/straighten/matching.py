@@ -112,13 +112,13 @@ def energy_distance_loss(x: Tensor, y: Tensor, *, unbiased: bool = True) -> Tens
 
 def _batch_ot(a: Tensor, b: Tensor) -> Tensor:
     """``W₂²`` between equal-size uniform batches ``a``, ``b`` (k, D): ``(1/k) Σ_i |a_i - b_σ(i)|²`` for the
-    optimal permutation ``σ`` (Hungarian, on detached costs), differentiable in ``a`` and ``b`` with ``σ`` fixed
+    optimal permutation ``σ`` (``steerflow.couplings.exact.solve_assignment``, on detached costs), differentiable in ``a`` and ``b`` with ``σ`` fixed
     (the envelope theorem: the derivative of the minimum is the derivative at the minimiser)."""
-    from scipy.optimize import linear_sum_assignment
+    from ..couplings.exact import solve_assignment
 
     c = _sq_dists(a, b)
-    rows, cols = linear_sum_assignment(c.detach().double().cpu().numpy())
-    return c[torch.as_tensor(rows, device=c.device), torch.as_tensor(cols, device=c.device)].mean()
+    sigma = solve_assignment(c.detach())  # a_σ[j] is paired with b_j
+    return c[sigma, torch.arange(c.shape[1], device=c.device)].mean()
 
 
 def minibatch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
