@@ -52,10 +52,11 @@ def test_minibatch_ot_energy_is_unbiased_at_equality_and_positive_otherwise():
         minibatch_ot_energy_loss(torch.randn(3, 2), torch.randn(3, 2))
 
 
-@pytest.mark.parametrize("match", ["energy", "ot-energy"])
+@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full"])
 def test_matching_gradient_moves_a_shifted_gaussian_to_the_target(match):
-    # G(z) = s z + μ with z ~ N(0, I), target N(m, I): both discrepancies are minimised only at μ = m, s = 1.
+    # G(z) = s z + μ with z ~ N(0, I), target N(m, I): the discrepancies are minimised only at μ = m, s = 1.
     loss_fn = get_matching_loss(match)
+    n_gen = 256 if match == "ot-energy-full" else 128  # two generated batches per data batch
     g = torch.Generator().manual_seed(2)
     m = torch.tensor([2.0, -1.0])
     mu = torch.zeros(2, requires_grad=True)
@@ -63,7 +64,7 @@ def test_matching_gradient_moves_a_shifted_gaussian_to_the_target(match):
     opt = torch.optim.Adam([mu, log_s], lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 150)  # annealing removes the minibatch noise at the end
     for _ in range(150):
-        loss = loss_fn(log_s.exp() * torch.randn(128, 2, generator=g) + mu, torch.randn(128, 2, generator=g) + m)
+        loss = loss_fn(log_s.exp() * torch.randn(n_gen, 2, generator=g) + mu, torch.randn(128, 2, generator=g) + m)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,7 +79,7 @@ def _gaussian_w2_of(x: torch.Tensor, m: torch.Tensor, S: torch.Tensor) -> float:
     return w2_gaussian(x.mean(0), torch.cov(x.T), m.double(), S.double())
 
 
-@pytest.mark.parametrize("match", ["energy", "ot-energy"])
+@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full"])
 def test_matching_corrects_a_wrong_teacher(match):
     # Teacher pairs come from a WRONG affine map x_1 = μ' + s' x_0; the data are N(μ, s² I). Regression alone
     # copies the teacher (W2 ≈ closed-form teacher error); adding the energy term moves the student to the data.
@@ -96,7 +97,7 @@ def test_matching_corrects_a_wrong_teacher(match):
     common = dict(pairs=pairs, train_steps=250, batch_size=128, lr=3e-3, seed=0)
     plain = distill(model=build_model("mlp-selu", dim=2, width=32), **common)
     matched = distill(model=build_model("mlp-selu", dim=2, width=32), match=match, data=data, match_weight=5.0,
-                      regression_weight=0.1, **common)
+                      regression_weight=0.1, match_batch_size=64 if match == "ot-energy-full" else None, **common)
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         w_plain = _gaussian_w2_of(one_step(plain.model, z), mu, s**2 * torch.eye(2))
@@ -184,7 +185,38 @@ def test_bad_inputs_name_the_argument():
         distill(regression_weight=0.0, **kw)
     with pytest.raises(ValueError, match="match_batch_size"):
         distill(match="energy", data=data, match_batch_size=1, **kw)
+    with pytest.raises(ValueError, match="batch_size >= 2"):  # two generated batches per data batch
+        distill(match="ot-energy-full", data=data, match_batch_size=8, **kw)
+    with pytest.raises(ValueError, match="needs match_batch_size"):
+        distill(match="ot-energy-full", data=data, **kw)
+    with pytest.raises(ValueError, match="only 64 pairs"):  # a minibatch cannot hold more pairs than there are
+        distill(match="ot-energy-full", data=data, match_batch_size=40, **{**kw, "batch_size": 80})
+    # the other losses take batches of any sizes: more data points than pairs per step stays allowed
+    distill(match="ot-energy", data=data, match_batch_size=16, **kw)
     with pytest.raises(ValueError, match="dimension"):
         energy_distance_loss(torch.randn(4, 2), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unknown match"):
         get_matching_loss("mmd")
+
+
+def test_full_batch_ot_energy_shift_identity_and_unbiased_gradient_target():
+    # For the squared cost a translation δ of one set does not change the optimal plan, and moves its cost by
+    # |δ|² + 2 δ·(mean difference); so L(x + δ, y) - L(x, y) = 2|δ|² + 2 δ·(x̄_1 - ȳ) + 2 δ·(x̄_2 - ȳ) exactly
+    # (the X_1–X_2 term is unchanged), draw by draw.
+    from steerflow.straighten.matching import _batch_ot, full_batch_ot_energy_loss
+
+    g = torch.Generator().manual_seed(11)
+    delta = torch.tensor([0.8, -0.3], dtype=torch.float64)
+    for _ in range(5):
+        x = torch.randn(96, 2, generator=g, dtype=torch.float64)
+        y = torch.randn(48, 2, generator=g, dtype=torch.float64)
+        expect = 2 * delta.dot(delta) + 2 * delta.dot(x[:48].mean(0) - y.mean(0)) + 2 * delta.dot(
+            x[48:].mean(0) - y.mean(0))
+        got = full_batch_ot_energy_loss(x + delta, y) - full_batch_ot_energy_loss(x, y)
+        assert float(got) == pytest.approx(float(expect), abs=1e-9)
+    # Same law: E[L] = E[W(Y, Y')] (the generator-free constant), not 0.
+    same = [float(full_batch_ot_energy_loss(torch.randn(128, 2, generator=g), torch.randn(64, 2, generator=g))
+                  - _batch_ot(torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g))) for _ in range(60)]
+    assert abs(sum(same) / len(same)) < 0.05
+    with pytest.raises(ValueError, match="at least 2m generated"):
+        full_batch_ot_energy_loss(torch.randn(100, 2), torch.randn(64, 2))

@@ -41,10 +41,12 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default=None,
                    help=f"a pairs file to regress on (e.g. a reflow run's {PAIRS_FILE}); default: new pairs "
                         "(x_0, ODE(x_0)) from the teacher, as Liu et al. distil a k-RF on its own coupling")
-    p.add_argument("--match", choices=("energy", "ot-energy"), default=None,
+    p.add_argument("--match", choices=("energy", "ot-energy", "ot-energy-full"), default=None,
                    help="add a distribution-matching term against a fresh data batch each step: energy "
-                        "(Szekely's energy distance) or ot-energy (minibatch energy distance with the exact W2 "
-                        "cost, the stronger one on thin 2-D structure)")
+                        "(Szekely's energy distance), ot-energy (minibatch energy distance with the exact W2 "
+                        "cost, the stronger one on thin 2-D structure) or ot-energy-full (the same with two "
+                        "generated batches of --batch against one whole data batch of --batch: larger plans, "
+                        "the same data per step)")
     p.add_argument("--data", default=None,
                    help="data for --match (a dataset name or file; default: the teacher's training data)")
     p.add_argument("--match-weight", type=C.nonneg_float, default=1.0, help="weight of the matching term")
@@ -84,6 +86,7 @@ def run_reflow(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace) -> int:
     from ..straighten import Pairs, distill
+    from ..straighten.matching import GENERATED_PER_DATA
 
     device = C.device_of(args.device)
     teacher = C.load_flow(args.ckpt, ema=args.ema, device=device)
@@ -109,13 +112,16 @@ def run_distill(args: argparse.Namespace) -> int:
         if shape != event_shape:
             raise CLIError(f"--data {data_name!r} holds points of shape {shape}, but the model expects {event_shape}")
     elif args.data is not None:
-        raise CLIError("--data is used by --match only; add --match energy or --match ot-energy")
+        raise CLIError("--data is used by --match only; add --match energy, ot-energy or ot-energy-full")
     reg = args.regression_weight if args.regression_weight is not None else (0.0 if args.match else 1.0)
+    # --batch is the data batch; ot-energy-full draws GENERATED_PER_DATA (2) generated batches per data batch
+    per_data = GENERATED_PER_DATA.get(args.match, 1) if args.match else 1
+    batch, match_batch = per_data * args.batch, (args.batch if args.match else None)
     try:
         res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
-                      method=args.pair_method, train_steps=args.steps, batch_size=args.batch, lr=args.lr,
+                      method=args.pair_method, train_steps=args.steps, batch_size=batch, lr=args.lr,
                       seed=args.seed, progress=not args.quiet, match=args.match, data=data,
-                      match_weight=args.match_weight, regression_weight=reg)
+                      match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch)
     except ValueError as e:
         raise CLIError(str(e)) from None
     out = Path(args.out)
@@ -125,8 +131,8 @@ def run_distill(args: argparse.Namespace) -> int:
     C.save_flow(res.model, out, info, step=args.steps,
                 config={"command": "distill", "teacher": str(teacher.directory), "n_pairs": len(res.pairs),
                         "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
-                        "steps": args.steps, "batch_size": args.batch, "lr": args.lr, "seed": args.seed,
-                        "match": args.match, "match_weight": args.match_weight, "regression_weight": reg})
+                        "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
+                        "seed": args.seed, "match": args.match, "match_weight": args.match_weight, "regression_weight": reg})
     print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
           f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
     return 0

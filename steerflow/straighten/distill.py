@@ -14,7 +14,8 @@ Regression alone is capped by the teacher: the student can at best reproduce ``O
 misses the data by the teacher's own error. With ``match=`` the loss gains a distribution-matching term
 against real data (the idea of Distribution Matching Distillation, Yin et al. 2024, and of critic-free
 MMD-GANs; the discrepancy ``D²`` is Székely's energy distance, ``match="energy"``, or OT-GAN's minibatch
-energy distance with the exact W₂² cost, ``match="ot-energy"``; see :mod:`.matching`):
+energy distance with the exact W₂² cost, ``match="ot-energy"`` (halves of both batches) or ``"ot-energy-full"``
+(two generated batches against one whole data batch: ``batch_size = 2 · match_batch_size``); see :mod:`.matching`):
 
     min_θ  w_reg · E || T_θ(x_0) - x_1 ||²  +  λ · D²( {T_θ(x_0^(i))}_i , {y^(j)}_j ),   y^(j) ~ π_1 (data)
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._fit import FitResult, check_fit_args, fit_pairs
-from .matching import get_matching_loss
+from .matching import GENERATED_PER_DATA, get_matching_loss
 from .reflow import Pairs, _model_device_dtype, as_source, generate_pairs
 
 __all__ = ["DistillResult", "OneStep", "one_step", "one_step_loss", "matched_one_step_loss", "as_data_sampler",
@@ -115,13 +116,15 @@ def as_data_sampler(data: Any) -> DataSampler:
 
 
 def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, regression_weight: float = 1.0,
-                          match_batch_size: int | None = None) -> Callable[..., Tensor]:
+                          match_batch_size: int | None = None, batch_size: int | None = None) -> Callable[..., Tensor]:
     """The loss ``w_reg · || T_θ(x_0) - x_1 ||² + λ · D²(T_θ(x_0), y)`` as ``loss(model, x_0, x_1, generator)``.
 
     ``T_θ(x_0) = x_0 + v_θ(x_0, 0)`` (b, *d) on the minibatch of pairs; ``y`` (b', *d) is a fresh batch of
     data drawn with ``generator`` (``b' = match_batch_size``, default ``b``); ``D²`` is the matching loss
     ``match`` of :mod:`.matching` (``"energy"``: the unbiased squared energy distance, Székely & Rizzo 2013;
-    ``"ot-energy"``: OT-GAN's minibatch energy distance with the exact ``W₂²`` cost, Salimans et al. 2018).
+    ``"ot-energy"``: OT-GAN's minibatch energy distance with the exact ``W₂²`` cost, Salimans et al. 2018;
+    ``"ot-energy-full"``: the same on whole data batches, which needs ``b >= 2 b'`` generated points).
+    ``batch_size`` (``b``, optional) is only used to check that requirement up front.
     """
     loss_fn = get_matching_loss(match)
     _check_weight(match_weight, "match_weight")
@@ -131,6 +134,14 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
         raise ValueError(f"match_batch_size must be an integer >= 2 or None, got {match_batch_size!r}")
     if match_weight == 0 and regression_weight == 0:
         raise ValueError("match_weight and regression_weight are both 0: nothing to minimise")
+    if GENERATED_PER_DATA[match] > 1 and match_batch_size is not None and batch_size is not None \
+            and batch_size < GENERATED_PER_DATA[match] * match_batch_size:
+        raise ValueError(f"match={match!r} needs batch_size >= {GENERATED_PER_DATA[match]} * match_batch_size "
+                         f"generated points per data batch, got batch_size={batch_size} and "
+                         f"match_batch_size={match_batch_size}")
+    if match_batch_size is None and GENERATED_PER_DATA[match] > 1:
+        raise ValueError(f"match={match!r} needs match_batch_size (the data batch; batch_size >= "
+                         f"{GENERATED_PER_DATA[match]} * match_batch_size generated points), got None")
     if data is None:
         raise ValueError(f"data must be given with match={match!r} (a tensor (N, *d), a sampler (n, generator) "
                          "or a dataset with .sample); got None")
@@ -174,7 +185,9 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
         model: the student network ``v_θ(x, t)`` (default: a copy of the teacher).
         generator / seed: all randomness.
         match: None (regression only) or a key of :data:`steerflow.straighten.matching.MATCHING_LOSSES`
-            (``"energy"`` or ``"ot-energy"``).
+            (``"energy"``, ``"ot-energy"`` or ``"ot-energy-full"``; the last compares two generated batches with
+            one data batch and needs ``match_batch_size`` with ``batch_size >= 2 · match_batch_size``: generated
+            points cost no data, and the plans between whole batches blur less, see :mod:`.matching`).
         data: the data for the matching term (required with ``match``): a tensor (N, *d), a sampler
             ``(n, generator) -> (n, *d)`` or a dataset with ``.sample(n, generator)``. Each step draws one
             batch of ``match_batch_size`` (default ``batch_size``) points.
@@ -197,7 +210,7 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             lambda m, x_0, x_1, g: regression_weight * one_step_loss(m, x_0, x_1, g))
     else:
         loss_fn = matched_one_step_loss(match, data, match_weight=match_weight, regression_weight=regression_weight,
-                                        match_batch_size=match_batch_size)
+                                        match_batch_size=match_batch_size, batch_size=batch_size)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if pairs is None:
@@ -214,6 +227,11 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
                                    shape=shape)
     elif not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs, got {type(pairs).__name__}")
+    if match is not None and GENERATED_PER_DATA[match] > 1 and match_batch_size is not None \
+            and pairs.x_0.shape[0] < GENERATED_PER_DATA[match] * match_batch_size:
+        raise ValueError(f"match={match!r} draws {GENERATED_PER_DATA[match]} * match_batch_size = "
+                         f"{GENERATED_PER_DATA[match] * match_batch_size} pairs per step, but there are only "
+                         f"{pairs.x_0.shape[0]} pairs")
     if model is None:
         if not isinstance(v_or_model, nn.Module):
             raise TypeError("distill needs model= (the student network) when the teacher is not an nn.Module")

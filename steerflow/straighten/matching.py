@@ -26,6 +26,8 @@ energy form but replaces the distance between points by the optimal-transport co
 
 whose gradient pulls each generated point towards its *assigned* data point (what the W₂ metric sees),
 while the ``W(X_b, X'_b)`` term removes the minibatch bias that would otherwise shrink the generator.
+``ot-energy`` splits one generated and one data batch into halves; ``ot-energy-full`` compares two generated
+batches with one whole data batch (generated points cost no data), so each plan is twice as large.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["energy_distance_loss", "minibatch_ot_energy_loss", "MATCHING_LOSSES", "get_matching_loss"]
+__all__ = ["energy_distance_loss", "minibatch_ot_energy_loss", "full_batch_ot_energy_loss", "MATCHING_LOSSES",
+           "GENERATED_PER_DATA", "get_matching_loss"]
 
 
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
@@ -151,12 +154,49 @@ def minibatch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * cross - _batch_ot(x_1, x_2) - _batch_ot(y_1, y_2)
 
 
+def full_batch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
+    """OT-GAN's minibatch energy distance on whole data batches: two generated batches against one data batch.
+
+    ``y`` (m, *d) is one batch of data; ``x`` (n, *d) with ``n >= 2m`` holds two independent generated batches
+    ``X_1 = x[:m]``, ``X_2 = x[m:2m]`` (generated points cost no data, so the data batch is not split); with
+    ``W`` = :func:`_batch_ot` (exact ``W₂²`` between two sets of ``m``)
+
+        L = W(X_1, Y) + W(X_2, Y) - W(X_1, X_2).
+
+    With ``D²_m = E W(X, Y) - ½ E W(X, X') - ½ E W(Y, Y')`` (Salimans et al. 2018, at batch size ``m``),
+    ``E[L] = 2 D²_m + E W(Y, Y')``: the last term does not depend on the generator, so ``∇_θ L`` is an unbiased
+    estimate of ``2 ∇_θ D²_m``, and ``E[L] = E W(Y, Y')`` (not 0) when ``x`` and ``y`` have the same law.
+    Against :func:`minibatch_ot_energy_loss` on the same data batch every plan is between sets of ``m`` rather
+    than ``m/2`` points: the minibatch plan's blur (a generated point that the random batch assigns now to one
+    mode, now to another, is pulled to their average) shrinks as the sets grow. Three ``m × m`` assignments.
+
+    Args:
+        x: (n, *d) generated samples, ``n >= 2m`` (points beyond ``2m`` are unused).
+        y: (m, *d) data, ``m >= 2``.
+
+    Returns:
+        A scalar tensor.
+    """
+    x, y = _flat_pair(x, y)
+    m = y.shape[0]
+    if m < 2 or x.shape[0] < 2 * m:
+        raise ValueError(f"full_batch_ot_energy_loss needs m >= 2 data points and at least 2m generated ones, got "
+                         f"{x.shape[0]} generated and {m} data points")
+    x_1, x_2 = x[:m], x[m:2 * m]
+    return _batch_ot(x_1, y) + _batch_ot(x_2, y) - _batch_ot(x_1, x_2)
+
+
 MatchingLoss = Callable[[Tensor, Tensor], Tensor]
 
 MATCHING_LOSSES: dict[str, MatchingLoss] = {
     "energy": energy_distance_loss,
     "ot-energy": minibatch_ot_energy_loss,
+    "ot-energy-full": full_batch_ot_energy_loss,
 }
+
+
+# generated points a loss needs per data point (``ot-energy-full``: two generated batches per data batch)
+GENERATED_PER_DATA: dict[str, int] = {"energy": 1, "ot-energy": 1, "ot-energy-full": 2}
 
 
 def get_matching_loss(name: str) -> MatchingLoss:
