@@ -298,10 +298,14 @@ def _ms(v: list[float]) -> dict:
     return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
-def _perfect_generator_scores() -> dict:
-    """``bench_w2_noise.py``'s per-problem summary (what an exact sampler scores here), if it has been run."""
+def _perfect_generator_scores(seeds: list[int], n_eval: int) -> dict:
+    """``bench_w2_noise.py``'s per-problem summary (what an exact sampler scores on the same evaluation sets),
+    if it has been run with these ``seeds`` and ``n_eval``."""
     path = RESULTS / "w2_noise.json"
-    return json.loads(path.read_text())["problems"] if path.exists() else {}
+    if not path.exists():
+        return {}
+    noise = json.loads(path.read_text())
+    return noise["problems"] if (noise["seeds"], noise["n_eval"]) == (list(seeds), n_eval) else {}
 
 
 def markdown(results: dict) -> str:
@@ -388,7 +392,7 @@ def markdown(results: dict) -> str:
                          f"{TARGETS[label]:.2f}: {'met' if v <= TARGETS[label] else 'NOT met'}.")
         if tc is not None:
             lines.append(f"- torchcfm OT-CFM @ 1 step: {tc:.3f} ({pr['steps']} steps).")
-        noise = _perfect_generator_scores().get(label)
+        noise = _perfect_generator_scores(pr["seeds"], pr["n_eval"]).get(label)
         if noise is not None:
             lines.append(f"- A *perfect* generator scores {noise['mean_of_seed_means']:.3f} ± {noise['std_of_3_seed_mean']:.3f} "
                          "(3-seed mean, spread from its own samples) on these evaluation sets "
