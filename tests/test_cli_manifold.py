@@ -19,8 +19,6 @@ QUICK = ["--hidden", "16", "--batch", "32", "--quiet"]
 LOG_4PI = math.log(4 * math.pi)
 
 
-
-
 def write_latlon_csv(path, n: int, seed: int = 0, spread: float = 8.0) -> None:
     """Two clusters (Iceland-ish and New-Zealand-ish), ``spread`` degrees wide, with a header row."""
     rng = np.random.default_rng(seed)

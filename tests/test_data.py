@@ -33,6 +33,17 @@ def test_toy_statistics():
     x = sample_toy("moons", n, _gen(3)).double()
     se = x.std(0) / math.sqrt(n)
     assert ((x.mean(0) - torch.tensor([0.8, 0.05], dtype=torch.float64)).abs() < 4 * se).all(), x.mean(0)
+    # labelled moons: the same draws; per moon the mean is 3 (E cos φ + 0.1, E sin φ + 0.1) - 1 (upper) and
+    # 3 (1 + 0.1, 1/2 - E sin φ + 0.1) - 1 (lower), E cos φ = 0, E sin φ = 2/π
+    from steerflow.data.toys import moons
+
+    pts, lab = moons(n, _gen(3), return_labels=True)
+    assert torch.equal(pts.float(), sample_toy("moons", n, _gen(3))) and lab.dtype == torch.long
+    assert abs(lab.double().mean().item() - 0.5) < 4 * 0.5 / math.sqrt(n)
+    s = 2 / math.pi
+    for k, mean in ((0, [3 * 0.1 - 1, 3 * (s + 0.1) - 1]), (1, [3 * 1.1 - 1, 3 * (0.6 - s) - 1])):
+        xk = pts[lab == k]
+        assert ((xk.mean(0) - torch.tensor(mean, dtype=torch.float64)).abs() < 4 * xk.std(0) / math.sqrt(len(xk))).all()
     # 8gaussians (torchcfm scale): centres at radius 5, noise covariance sqrt(0.1) I:
     # E|x|² = 25 + 2 sqrt(0.1); mean 0; the nearest centre is at distance ~ |noise|
     x = sample_toy("8gaussians", n, _gen(4)).double()

@@ -12,8 +12,6 @@ from steerflow.models import build_model
 from steerflow.straighten import Pairs, distill, generate_pairs, one_step, reflow
 
 
-
-
 def normal2(n, generator=None):
     return torch.randn(n, 2, generator=generator)
 

@@ -115,7 +115,7 @@ def run_distill(args: argparse.Namespace) -> int:
         raise CLIError("--data is used by --match only; add --match energy, ot-energy or ot-energy-full")
     reg = args.regression_weight if args.regression_weight is not None else (0.0 if args.match else 1.0)
     # --batch is the data batch; ot-energy-full draws GENERATED_PER_DATA (2) generated batches per data batch
-    per_data = GENERATED_PER_DATA.get(args.match, 1) if args.match else 1
+    per_data = GENERATED_PER_DATA[args.match] if args.match else 1
     batch, match_batch = per_data * args.batch, (args.batch if args.match else None)
     try:
         res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),

@@ -32,20 +32,22 @@ def gaussian(n: int, generator: torch.Generator | None = None) -> Tensor:
     return _n2(n, generator)
 
 
-def moons(n: int, generator: torch.Generator | None = None) -> Tensor:
+def moons(n: int, generator: torch.Generator | None = None, *, return_labels: bool = False) -> Tensor:
     """Two interleaved half circles, scaled as torchcfm's ``sample_moons`` (``3 z - 1``).
 
     Upper moon ``(cos φ, sin φ)``, lower moon ``(1 - cos φ, 1/2 - sin φ)``, ``φ ~ U[0, π]``, each moon
     with probability 1/2, jittered by ``(ε, ε)`` with ``ε ~ U[0, 0.2]`` (torchdyn's ``generate_moons``,
     which torchcfm calls with ``noise=0.2``, adds one uniform draw to both coordinates). Mean:
-    ``3 (1/2 + 0.1, 1/4 + 0.1) - 1 = (0.8, 0.05)``.
+    ``3 (1/2 + 0.1, 1/4 + 0.1) - 1 = (0.8, 0.05)``. With ``return_labels`` also each point's moon (n,) long
+    (0 upper, 1 lower), from the same draws.
     """
     phi = math.pi * _u(n, generator)
     lower = _u(n, generator) < 0.5
     x = torch.where(lower, 1.0 - torch.cos(phi), torch.cos(phi))
     y = torch.where(lower, 0.5 - torch.sin(phi), torch.sin(phi))
     eps = 0.2 * _u(n, generator)
-    return 3.0 * torch.stack([x + eps, y + eps], dim=1) - 1.0
+    points = 3.0 * torch.stack([x + eps, y + eps], dim=1) - 1.0
+    return (points, lower.long()) if return_labels else points
 
 
 def eight_gaussians(n: int, generator: torch.Generator | None = None) -> Tensor:

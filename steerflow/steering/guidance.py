@@ -694,7 +694,6 @@ class SteerflowDefault(AbstractGuidance):
         corr = (rr @ M0.T).reshape(b, *shape)
         if refresh:
             lab, Jk = self._local_slopes(X, X1, J)
-            K = Jk.shape[0]
             AJt = Jk.transpose(1, 2) @ A_mat.T                                  # [k, i, :] = A (J̄_k e_i)
             _count(cost, operator_calls=1)
             self._slopes = (J, J_psd, lab, AJt)

@@ -134,14 +134,13 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
         raise ValueError(f"match_batch_size must be an integer >= 2 or None, got {match_batch_size!r}")
     if match_weight == 0 and regression_weight == 0:
         raise ValueError("match_weight and regression_weight are both 0: nothing to minimise")
-    if GENERATED_PER_DATA[match] > 1 and match_batch_size is not None and batch_size is not None \
-            and batch_size < GENERATED_PER_DATA[match] * match_batch_size:
-        raise ValueError(f"match={match!r} needs batch_size >= {GENERATED_PER_DATA[match]} * match_batch_size "
-                         f"generated points per data batch, got batch_size={batch_size} and "
-                         f"match_batch_size={match_batch_size}")
-    if match_batch_size is None and GENERATED_PER_DATA[match] > 1:
+    per = GENERATED_PER_DATA[match]  # generated points the loss needs per data point
+    if per > 1 and match_batch_size is None:
         raise ValueError(f"match={match!r} needs match_batch_size (the data batch; batch_size >= "
-                         f"{GENERATED_PER_DATA[match]} * match_batch_size generated points), got None")
+                         f"{per} * match_batch_size generated points), got None")
+    if per > 1 and batch_size is not None and batch_size < per * match_batch_size:
+        raise ValueError(f"match={match!r} needs batch_size >= {per} * match_batch_size generated points per data "
+                         f"batch, got batch_size={batch_size} and match_batch_size={match_batch_size}")
     if data is None:
         raise ValueError(f"data must be given with match={match!r} (a tensor (N, *d), a sampler (n, generator) "
                          "or a dataset with .sample); got None")
@@ -227,11 +226,10 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
                                    shape=shape)
     elif not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs, got {type(pairs).__name__}")
-    if match is not None and GENERATED_PER_DATA[match] > 1 and match_batch_size is not None \
-            and pairs.x_0.shape[0] < GENERATED_PER_DATA[match] * match_batch_size:
-        raise ValueError(f"match={match!r} draws {GENERATED_PER_DATA[match]} * match_batch_size = "
-                         f"{GENERATED_PER_DATA[match] * match_batch_size} pairs per step, but there are only "
-                         f"{pairs.x_0.shape[0]} pairs")
+    need = GENERATED_PER_DATA[match] * match_batch_size if match is not None and GENERATED_PER_DATA[match] > 1 else 0
+    if pairs.x_0.shape[0] < need:  # (match_batch_size is set there: checked by matched_one_step_loss)
+        raise ValueError(f"match={match!r} draws {GENERATED_PER_DATA[match]} * match_batch_size = {need} pairs per "
+                         f"step, but there are only {pairs.x_0.shape[0]} pairs")
     if model is None:
         if not isinstance(v_or_model, nn.Module):
             raise TypeError("distill needs model= (the student network) when the teacher is not an nn.Module")

@@ -135,7 +135,7 @@ def minibatch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
         D²_OT = (1/2) Σ_{i,j ∈ {1,2}} W(X_i, Y_j)  -  W(X_1, X_2)  -  W(Y_1, Y_2).
 
     All three terms compare sets of the same size ``k``, so ``E[D²_OT] = 0`` when ``x`` and ``y`` have the same
-    law (the size-dependent bias of empirical ``W₂²`` cancels). Costs five ``k × k`` assignments
+    law (the size-dependent bias of empirical ``W₂²`` cancels). Costs six ``k × k`` assignments
     (``O(k³)`` on the CPU each; ``k = 128`` takes about a millisecond).
 
     Args:

@@ -123,12 +123,10 @@ def _time_seed(seed: int) -> int:
     return (seed * 1_000_003 + 0x5EED) % 2**63
 
 
-def _rng_states(gen_host: torch.Generator, gen_dev: torch.Generator, gen_time: torch.Generator,
-                device: torch.device, pair_states: list[Tensor] | None = None) -> list[Tensor]:
-    """Layout: pair generator(s) (host[, device]), torch's global CPU RNG, the t generator[, CUDA global]."""
-    pairs = pair_states if pair_states is not None else (
-        [gen_host.get_state()] + ([gen_dev.get_state()] if gen_dev is not gen_host else []))
-    states = [*pairs, torch.get_rng_state(), gen_time.get_state()]
+def _rng_states(pair_states: list[Tensor], gen_time: torch.Generator, device: torch.device) -> list[Tensor]:
+    """Layout: pair generator(s) (host[, device]; :meth:`PairStream.resume_states`), torch's global CPU RNG,
+    the t generator[, CUDA global]."""
+    states = [*pair_states, torch.get_rng_state(), gen_time.get_state()]
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
     return states
@@ -336,7 +334,7 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
             pbar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
 
         def checkpoint(step: int, losses: Tensor) -> None:
-            states = _rng_states(gen_host, gen_dev, gen_time, dev, pair_states=stream.resume_states())
+            states = _rng_states(stream.resume_states(), gen_time, dev)
             layout = [int(s.numel()) for s in states]
             flat = torch.cat([s.reshape(-1) for s in states])
             if info.enabled:

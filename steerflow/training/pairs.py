@@ -47,15 +47,13 @@ class PairStream:
         coupling: the coupling or None.
         batch_size: samples per batch.
         gen_host, gen_dev: the pair generators (the same object on CPU).
-        workers: batches coupled ahead in background threads (0: inline).
+        workers: batches coupled ahead in background threads (0: inline; an int ``>= 0``, checked by ``train``).
         total: how many batches the run will take (nothing is drawn past it).
     """
 
     def __init__(self, draw_x1: Callable[[int], tuple[Tensor, Tensor | None]], draw_x0: Callable[[Tensor], Tensor],
                  coupling: Any, batch_size: int, gen_host: torch.Generator, gen_dev: torch.Generator,
                  workers: int = 0, total: int | None = None) -> None:
-        if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
-            raise ValueError(f"coupling_workers must be an int >= 0, got {workers!r}")
         self.draw_x1, self.draw_x0, self.coupling = draw_x1, draw_x0, coupling
         self.batch_size, self.gen_host, self.gen_dev = batch_size, gen_host, gen_dev
         self.workers = workers if coupling is not None else 0
@@ -97,9 +95,10 @@ class PairStream:
         x_0, x_1 = future.result()
         return x_0, x_1, labels
 
-    def resume_states(self) -> list[Tensor] | None:
-        """The pair generators' state before the oldest batch drawn ahead (None when none is in flight)."""
-        return [s.clone() for s in self.ahead[0][0]] if self.ahead else None
+    def resume_states(self) -> list[Tensor]:
+        """The pair generators' state (host[, device]) to store in a checkpoint: before the oldest batch drawn
+        ahead, or the current state when none is in flight."""
+        return [s.clone() for s in self.ahead[0][0]] if self.ahead else self._pair_states()
 
     def close(self) -> None:
         """Drop the batches drawn ahead and stop the threads."""
