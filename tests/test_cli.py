@@ -120,6 +120,35 @@ def test_distill_with_distribution_matching(capsys, trained, tmp_path):
     assert_one_line_error(rc, err, "--match")
 
 
+def test_distill_into_a_fresh_end_point_student(capsys, trained, tmp_path):
+    """--student mlp-endpoint --warm-steps: regression warm start, then matching; the checkpoint rebuilds the
+    end-point network, whose one-step samples are its bounded output."""
+    common = ["--n-pairs", 64, "--pair-method", "euler", "--pair-steps", 4, "--steps", 8, "--batch", 16, "--quiet"]
+    out = tmp_path / "endpoint"
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", out, "--match", "ot-energy-full",
+                         "--student", "mlp-endpoint", "--student-width", 32, "--student-depth", 2, "--student-bounded",
+                         "--warm-steps", 3, *common)
+    assert rc == 0, err
+    step_dir = next(out.glob("step-*"))
+    cfg = json.loads((step_dir / "config.json").read_text())
+    assert cfg["training"]["student"] == "mlp-endpoint" and cfg["training"]["warm_steps"] == 3
+    from steerflow.cli._common import load_flow
+    from steerflow.models import EndpointMLP
+
+    model = load_flow(out).model
+    assert isinstance(model, EndpointMLP) and model.config["bounded"] and model.config["hidden"] == 32
+    rc, _, err = run_cli(capsys, "sample", "--ckpt", out, "--n", 10, "--out", tmp_path / "e.npy")
+    assert rc == 0, err
+    head = model.net[-1]
+    box = (head.weight.abs().sum(1) + head.bias.abs()).detach().numpy()
+    assert (np.abs(np.load(tmp_path / "e.npy")) <= box + 1e-5).all()
+    for extra, msg in ((["--warm-steps", 3], "--match"),
+                       (["--match", "ot-energy", "--warm-steps", 8], "--warm-steps"),
+                       (["--match", "ot-energy", "--student-bounded"], "mlp-endpoint")):
+        rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "bad", *extra, *common)
+        assert_one_line_error(rc, err, msg)
+
+
 def test_error_paths_are_one_line_with_exit_code_2(capsys, trained, tmp_path):
     rc, _, err = run_cli(capsys, "train", "--data", "nosuchdata", "--steps", 1, "--out", tmp_path / "x", *TINY)
     assert_one_line_error(rc, err, "nosuchdata")

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from steerflow.models import MODELS, MLPVelocity, SeluMLP, UNetVelocity, build_model, model_name
+from steerflow.models import MODELS, EndpointMLP, MLPVelocity, SeluMLP, UNetVelocity, build_model, model_name
+from steerflow.paths import LinearPath
+from steerflow.solvers import sample
 from steerflow.models.base import SinusoidalTimeEmbedding
 
 
@@ -97,6 +99,8 @@ def test_unet_resolutions(mult, size):
 @pytest.mark.parametrize("name,config", [
     ("mlp", dict(dim=3, hidden=16, depth=2, time_embed_dim=8, activation="gelu", n_classes=5, label_dropout=0.1)),
     ("mlp-selu", dict(dim=2, width=16)),
+    ("mlp-endpoint", dict(dim=2, hidden=16, depth=2, time_embed_dim=8, activation="silu", n_classes=None,
+                          label_dropout=0.0, bounded=True, min_remaining=0.01)),
     ("unet", dict(in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=2, attention=False,
                   n_classes=None, label_dropout=0.0, image_size=8)),
 ])
@@ -131,7 +135,11 @@ def test_model_errors():
         UNetVelocity(base_channels=8, image_size=8)(torch.randn(2, 1, 16, 16), torch.rand(2))
     with pytest.raises(TypeError, match="integer label"):
         MLPVelocity(2, n_classes=2)(torch.randn(2, 2), torch.rand(2), torch.rand(2))
-    assert set(MODELS) >= {"mlp", "mlp-selu", "unet"}
+    assert set(MODELS) >= {"mlp", "mlp-endpoint", "mlp-selu", "unet"}
+    with pytest.raises(ValueError, match="bounded"):
+        EndpointMLP(2, bounded=1)
+    with pytest.raises(ValueError, match="min_remaining"):
+        EndpointMLP(2, min_remaining=1.0)
 
 
 def test_sinusoidal_embedding_formula():
@@ -142,3 +150,36 @@ def test_sinusoidal_embedding_formula():
     freqs = 1000.0 * 10000.0 ** (-k / 4)
     torch.testing.assert_close(out[1], torch.cat([torch.cos(0.25 * freqs), torch.sin(0.25 * freqs)]))
     torch.testing.assert_close(out[0], torch.cat([torch.ones(4), torch.zeros(4)]))
+
+
+def test_endpoint_mlp_velocity_is_the_linear_path_velocity_towards_its_prediction():
+    """``v = (x̂₁ − x) / (1 − t)``: the linear path's x̂₁ of ``v`` is the network's output, and one Euler step
+    from ``t = 0`` is exactly ``x̂₁(x, 0)`` (no identity skip), also on image-shaped conditional input."""
+    torch.manual_seed(0)
+    m = EndpointMLP(dim=12, hidden=16, depth=2, n_classes=3).double().eval()
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64) * 0.9
+    y = torch.tensor([0, 1, 2, 0, 1])
+    v = m(x, t, y)
+    assert v.shape == x.shape
+    torch.testing.assert_close(LinearPath().x1_from_velocity(v, x, t), m.endpoint(x, t, y), rtol=1e-12, atol=1e-12)
+    x_0 = torch.randn(7, 12, dtype=torch.float64)
+    m1 = EndpointMLP(dim=12, hidden=16, depth=2).double().eval()
+    torch.testing.assert_close(sample(m1, x_0, steps=1, method="euler"), m1.endpoint(x_0, torch.zeros(7)),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(m1(x_0, torch.ones(7))).all()  # 1 − t clamped at min_remaining
+
+
+def test_bounded_endpoint_mlp_keeps_samples_in_the_head_box():
+    """With a tanh last hidden layer every prediction lies in ``|x̂₁_k| ≤ Σ_j |W_kj| + |b_k|``, however far the input."""
+    torch.manual_seed(1)
+    m = EndpointMLP(dim=2, hidden=32, depth=3, bounded=True).eval()
+    head = m.net[-1]
+    box = head.weight.abs().sum(1) + head.bias.abs()
+    x = torch.randn(1000, 2) * torch.logspace(0, 6, 1000)[:, None]
+    with torch.no_grad():
+        out = m.endpoint(x, torch.zeros(1000))
+    assert (out.abs() <= box + 1e-5).all()
+    free = EndpointMLP(dim=2, hidden=32, depth=3).eval()  # unbounded: far inputs go far
+    with torch.no_grad():
+        assert free.endpoint(x, torch.zeros(1000)).abs().max() > 100 * box.max()

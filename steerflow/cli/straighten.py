@@ -10,6 +10,7 @@ from .main import CLIError, Command, register
 
 PAIR_METHODS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 PAIRS_FILE = "pairs.safetensors"
+STUDENTS = ("copy", "mlp", "mlp-endpoint")
 
 
 def _common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
@@ -53,6 +54,17 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regression-weight", type=C.nonneg_float, default=None,
                    help="weight of the regression onto the teacher's pairs (default 1, or 0 with --match: "
                         "the teacher's own sampling error then does not cap the student)")
+    p.add_argument("--student", choices=STUDENTS, default="copy",
+                   help="the one-step network: a copy of the teacher, a fresh velocity MLP (one step x_0 + "
+                        "v(x_0, 0)) or a fresh end-point MLP (one step = the network's output, no identity skip)")
+    p.add_argument("--student-width", type=C.positive_int, default=512, help="hidden width of a fresh student")
+    p.add_argument("--student-depth", type=C.positive_int, default=4, help="hidden layers of a fresh student")
+    p.add_argument("--student-bounded", action="store_true",
+                   help="--student mlp-endpoint: tanh last hidden layer, so samples stay in a bounded set (for "
+                        "data with compact support)")
+    p.add_argument("--warm-steps", type=C.nonneg_int, default=0,
+                   help="with --match: the first N of --steps regress onto the teacher's pairs alone (a warm "
+                        "start for a fresh student), the rest use the --match loss")
 
 
 def _pair_steps(args) -> int | None:
@@ -82,6 +94,21 @@ def run_reflow(args: argparse.Namespace) -> int:
     print(f"{k}-rectified flow trained on {len(res.pairs)} pairs for {args.steps} steps x {args.iterations}; "
           f"final loss {res.fits[-1].final_loss:.4g}; checkpoint in {out}", file=sys.stderr)
     return 0
+
+
+def _student(args: argparse.Namespace, event_shape: tuple[int, ...], teacher):
+    """A fresh student network for ``--student mlp|mlp-endpoint`` (None: ``distill`` copies the teacher)."""
+    from ..models import build_model
+
+    if args.student == "copy":
+        return None
+    if getattr(teacher, "label_embed", None) is not None:
+        raise CLIError("a fresh --student is unconditional; the teacher is class-conditional: use --student copy")
+    dim = 1
+    for s in event_shape:
+        dim *= s
+    extra = {"bounded": args.student_bounded} if args.student == "mlp-endpoint" else {}
+    return build_model(args.student, dim=dim, hidden=args.student_width, depth=args.student_depth, **extra)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -117,11 +144,26 @@ def run_distill(args: argparse.Namespace) -> int:
     # --batch is the data batch; ot-energy-full draws GENERATED_PER_DATA (2) generated batches per data batch
     per_data = GENERATED_PER_DATA[args.match] if args.match else 1
     batch, match_batch = per_data * args.batch, (args.batch if args.match else None)
+    if args.warm_steps and not args.match:
+        raise CLIError("--warm-steps splits --steps into regression and matching: add --match")
+    if args.warm_steps >= args.steps:
+        raise CLIError(f"--warm-steps must be smaller than --steps={args.steps}, got {args.warm_steps}")
+    if args.student_bounded and args.student != "mlp-endpoint":
+        raise CLIError("--student-bounded needs --student mlp-endpoint")
+    student = _student(args, event_shape, teacher.model)
+    if student is not None:
+        student = student.to(device)
     try:
+        if args.warm_steps:  # regression onto the teacher's pairs alone, then matching on the same pairs
+            warm = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
+                           method=args.pair_method, train_steps=args.warm_steps, batch_size=args.batch, lr=args.lr,
+                           seed=args.seed, progress=not args.quiet, model=student)
+            pairs, student = warm.pairs, warm.model
         res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
-                      method=args.pair_method, train_steps=args.steps, batch_size=batch, lr=args.lr,
-                      seed=args.seed, progress=not args.quiet, match=args.match, data=data,
-                      match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch)
+                      method=args.pair_method, train_steps=args.steps - args.warm_steps, batch_size=batch, lr=args.lr,
+                      seed=args.seed + (1 if args.warm_steps else 0), progress=not args.quiet, match=args.match,
+                      data=data, match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch,
+                      model=student)
     except ValueError as e:
         raise CLIError(str(e)) from None
     out = Path(args.out)
@@ -132,7 +174,11 @@ def run_distill(args: argparse.Namespace) -> int:
                 config={"command": "distill", "teacher": str(teacher.directory), "n_pairs": len(res.pairs),
                         "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
                         "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
-                        "seed": args.seed, "match": args.match, "match_weight": args.match_weight, "regression_weight": reg})
+                        "seed": args.seed, "match": args.match, "match_weight": args.match_weight,
+                        "regression_weight": reg, "student": args.student, "warm_steps": args.warm_steps,
+                        **({} if args.student == "copy" else
+                           {"student_width": args.student_width, "student_depth": args.student_depth,
+                            "student_bounded": args.student_bounded})})
     print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
           f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
     return 0

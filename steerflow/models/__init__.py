@@ -10,12 +10,13 @@ from typing import Any
 from torch import nn
 
 from .base import (ACTIVATIONS, AbstractVelocityModel, LabelEmbedding, SinusoidalTimeEmbedding, get_activation)
-from .mlp import MLPVelocity, SeluMLP
+from .mlp import EndpointMLP, MLPVelocity, SeluMLP
 from .population import ConditionedVelocityMLP, PopulationVelocity, SetEncoder
 from .potential import ICNN, PotentialMLP, PotentialVelocity, QuadraticPotential
 from .unet import UNetVelocity, count_parameters
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLPVelocity, "mlp-selu": SeluMLP, "unet": UNetVelocity}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLPVelocity, "mlp-endpoint": EndpointMLP, "mlp-selu": SeluMLP,
+                                      "unet": UNetVelocity}
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
@@ -52,7 +53,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["MODELS", "build_model", "model_name", "unwrap_model", "count_parameters", "AbstractVelocityModel",
-           "MLPVelocity", "SeluMLP", "UNetVelocity", "SinusoidalTimeEmbedding", "LabelEmbedding", "ACTIVATIONS",
-           "get_activation", "ConditionedVelocityMLP", "PopulationVelocity", "SetEncoder", "ICNN", "PotentialMLP",
+           "MLPVelocity", "EndpointMLP", "SeluMLP", "UNetVelocity", "SinusoidalTimeEmbedding", "LabelEmbedding",
+           "ACTIVATIONS", "get_activation", "ConditionedVelocityMLP", "PopulationVelocity", "SetEncoder", "ICNN", "PotentialMLP",
            "PotentialVelocity", "QuadraticPotential"]
 

@@ -91,3 +91,45 @@ class SeluMLP(AbstractVelocityModel):
             t = check_time(t, x)
         t = t[:, None] if t.dtype == x.dtype else t[:, None].to(x.dtype)
         return self.net(torch.cat([x, t], dim=-1))
+
+
+class EndpointMLP(MLPVelocity):
+    """A velocity network that predicts the end point: ``x̂₁(x, t) = MLP([x, φ(t), e(y)])`` and
+    ``v(x, t) = (x̂₁(x, t) − x) / (1 − t)``, the linear path's velocity towards that prediction.
+
+    One Euler step from ``t`` lands exactly on ``x̂₁(x, t)``, so as a one-step generator (a distillation
+    student, ``x_0 + v(x_0, 0) = x̂₁(x_0, 0)``) the map has no identity skip: a velocity MLP's map
+    ``x_0 + MLP(x_0)`` must learn to cancel the identity, and where it does not — the source's tails, seldom
+    seen in training — its samples stick out past the data. With ``bounded=True`` the last hidden layer is
+    ``tanh``, so ``x̂₁`` stays in a bounded set (the image of a cube under the linear head) wherever ``x``
+    goes: right for data with compact support (the two moons), wrong for heavy-tailed data.
+
+    ``1 − t`` is clamped at ``min_remaining`` so that ``t = 1`` (a solver's last stage) gives a finite
+    velocity. Same arguments as :class:`MLPVelocity` otherwise.
+    """
+
+    name: ClassVar[str] = "mlp-endpoint"
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_embed_dim: int = 64,
+                 activation: str = "silu", n_classes: int | None = None, label_dropout: float = 0.0,
+                 bounded: bool = False, min_remaining: float = 1e-3) -> None:
+        super().__init__(dim, hidden, depth, time_embed_dim, activation, n_classes, label_dropout)
+        if not isinstance(bounded, bool):
+            raise ValueError(f"bounded must be a bool, got {bounded!r}")
+        if not (isinstance(min_remaining, (int, float)) and 0 < min_remaining < 1):
+            raise ValueError(f"min_remaining must lie in (0, 1), got {min_remaining!r}")
+        self._set_config(**self._config, bounded=bounded, min_remaining=float(min_remaining))
+        self.min_remaining = float(min_remaining)
+        if bounded:
+            self.net[-2] = nn.Tanh()  # the activation of the last hidden layer
+
+    def endpoint(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The network's prediction ``x̂₁(x, t)`` (same shape as ``x``)."""
+        return super().forward(x, t, cond)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) or None -> ``(x̂₁ − x) / (1 − t)`` (b, *d)."""
+        x1 = self.endpoint(x, t, cond)
+        t = check_time(t, x)
+        remaining = (1.0 - t).clamp_min(self.min_remaining).to(x.dtype)
+        return (x1 - x) / remaining.reshape(-1, *([1] * (x.ndim - 1)))
