@@ -16,7 +16,13 @@ reference data), where a perfect sampler (a fresh set of true data) is scored ag
   ``distill(match="ot-energy-full")`` against fresh data batches of 256 (``quality.md``'s row of that name);
 * ``[5000 total] matched[ot-energy-full, end-point student 512×4, bounded] ← OT-CFM 2500`` — the same with a
   :class:`steerflow.models.EndpointMLP` student (one Euler step from 0 is the network's output, no identity
-  skip; tanh last hidden layer), trained from the same teacher and pairs.
+  skip; tanh last hidden layer), trained from the same teacher and pairs;
+* ``[5000 total] matched[ot-energy-full, student MLP 512×4, memory 2] ← OT-CFM 2500`` — the first student with
+  ``distill(match_memory=2)``: every plan's data side is the union of the last two data batches of 256 (plans
+  of 512, generated batches of 2 × 512), still 256 fresh data points per step.
+
+``--only-matched NAME …`` trains only those matched rows (skipping OT-CFM and torchcfm) and merges them into the
+stored per-seed results of that problem.
 
 Per row it reports the mean W2@1 over the ``3 × draws`` sets with its standard error, and the mean paired
 difference to the perfect sampler on the same reference sets (the model's excess over sampling noise).
@@ -50,11 +56,12 @@ from steerflow.metrics import w2  # noqa: E402
 from steerflow.solvers import sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STUDENTS = (("mlp", False), ("mlp-endpoint", True))  # (--student-arch, --student-bounded) of the matched rows
+# key: (--student-arch, --student-bounded, --match-memory) of the matched rows
+STUDENTS = {"mlp": ("mlp", False, 1), "endpoint": ("mlp-endpoint", True, 1), "mlp-memory2": ("mlp", False, 2)}
 
 
-def matched_name(arch: str, bounded: bool) -> str:
-    return f"[5000 total] matched[ot-energy-full{student_tag(arch, 512, 4, bounded)}] ← OT-CFM 2500"
+def matched_name(arch: str, bounded: bool, memory: int) -> str:
+    return f"[5000 total] matched[ot-energy-full{student_tag(arch, 512, 4, bounded, memory)}] ← OT-CFM 2500"
 
 
 def draw_seed(seed: int, k: int) -> int:
@@ -69,9 +76,10 @@ def one_step_w2(model, x_0: torch.Tensor, reference: torch.Tensor) -> float:
 
 def models_for(label: str, src: str, data: str, seed: int, args):
     """Yield ``(row name, trained model, training seconds)`` for one problem and seed."""
-    m, sec = train_ours(src, data, "exact-ot", args.steps, seed, args)
-    yield "OT-CFM", m, sec
-    if not args.no_torchcfm:
+    if not args.only_matched:
+        m, sec = train_ours(src, data, "exact-ot", args.steps, seed, args)
+        yield "OT-CFM", m, sec
+    if not args.no_torchcfm and not args.only_matched:
         try:
             m, sec = train_torchcfm(src, data, args.steps, seed, args)
         except ImportError:
@@ -83,11 +91,13 @@ def models_for(label: str, src: str, data: str, seed: int, args):
     t0 = time.perf_counter()
     pairs = teacher_pairs(teacher, src, seed, args)
     sec += time.perf_counter() - t0
-    for arch, bounded in STUDENTS:
+    for key, (arch, bounded, memory) in STUDENTS.items():
+        if args.only_matched and key not in args.only_matched:
+            continue
         t0 = time.perf_counter()
-        args.student_arch, args.student_bounded = arch, bounded
+        args.student_arch, args.student_bounded, args.match_memory = arch, bounded, memory
         student = train_matched(teacher, pairs, data, "ot-energy-full", args.steps - n_t, seed + 5, args)
-        yield matched_name(arch, bounded), student, sec + time.perf_counter() - t0
+        yield matched_name(arch, bounded, memory), student, sec + time.perf_counter() - t0
 
 
 def run(label: str, src: str, data: str, seed: int, args) -> dict:
@@ -138,16 +148,17 @@ def markdown(results: dict) -> str:
         n = s["perfect"]["n"]
         lines += [f"## {label}", "",
                   f"Seeds {pr['seeds']}, {pr['draws']} draws per seed ({n} evaluation sets). Reproduce: "
-                  f"`{res['command']}` ({res['seconds'] / 60:.1f} min).", "",
+                  + "; then ".join(f"`{c}`" for c in res["commands"]) + f" ({res['seconds'] / 60:.1f} min).", "",
                   f"| model | W2@1, stored sets (3) | W2@1, {n} draws | excess over perfect |",
                   "|---|---:|---:|---:|"]
         for name, r in s["rows"].items():
             lines.append(f"| {name} | {r['stored_sets']['mean']:.3f} ± {r['stored_sets']['std']:.3f} | "
                          f"{r['draws']['mean']:.3f} ± {r['draws']['se']:.3f} | "
                          f"{r['excess']['mean']:+.3f} ± {r['excess']['se']:.3f} |")
-        lines.append(f"| perfect sampler (true data) | — | {s['perfect']['mean']:.3f} ± {s['perfect']['se']:.3f} | 0 |")
+        p = s["perfect"]
+        lines.append(f"| perfect sampler (true data) | — | {p['mean']:.3f} ± {p['se']:.3f} | 0 |")
         lines.append("")
-        for name in (matched_name(*st) for st in STUDENTS):
+        for name in (matched_name(*st) for st in STUDENTS.values()):
             if name not in s["rows"]:
                 continue
             v, se = s["rows"][name]["draws"]["mean"], s["rows"][name]["draws"]["se"]
@@ -166,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=10, help="further evaluation sets per seed")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     p.add_argument("--no-torchcfm", action="store_true")
+    p.add_argument("--only-matched", nargs="+", choices=list(STUDENTS), default=None,
+                   help="train only these matched rows and merge them into the stored results of each problem")
     p.add_argument("--out", default=str(RESULTS / "onestep"))
     args = p.parse_args(argv)
     if args.draws < 2:
@@ -176,17 +189,28 @@ def main(argv=None) -> int:
     args.match_batch, args.student_width, args.student_depth = None, 512, 4  # student_arch: see STUDENTS
     torch.set_num_threads(1)
     command = "python benchmarks/bench_onestep.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    stored = json.loads(path.read_text())["problems"] if path.is_file() else {}
     problems = {}
     for label in args.problems:
         src, data = PROBLEMS[label]
+        old = stored.get(label)
+        if args.only_matched and (old is None or old["protocol"] != {"seeds": args.seeds, "draws": args.draws}):
+            p.error(f"--only-matched merges into stored results of {label} with the same --seeds and --draws; "
+                    f"run without it first")
         t0 = time.perf_counter()
         per_seed = [run(label, src, data, seed, args) for seed in args.seeds]
+        seconds, commands = time.perf_counter() - t0, [command]
+        if args.only_matched:  # the same evaluation sets: add (or replace) these rows in the stored seeds
+            for new, prev in zip(per_seed, old["per_seed"]):
+                prev["rows"].update(new["rows"])
+            per_seed = old["per_seed"]
+            seconds += old["seconds"]
+            commands = old.get("commands", [old.get("command")]) + commands
         problems[label] = {"protocol": {"seeds": args.seeds, "draws": args.draws}, "per_seed": per_seed,
-                           "summary": summarise(per_seed), "command": command,
-                           "seconds": time.perf_counter() - t0}
-    out = Path(args.out)
+                           "summary": summarise(per_seed), "commands": commands, "seconds": seconds}
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {"problems": {}}  # other problems are kept
     results["problems"].update(problems)
     results["problems"] = {lb: results["problems"][lb] for lb in PROBLEMS if lb in results["problems"]}

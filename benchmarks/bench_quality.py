@@ -221,11 +221,13 @@ def student_config(args) -> dict:
     return cfg | ({"bounded": args.student_bounded} if args.student_arch == "mlp-endpoint" else {})
 
 
-def student_tag(arch: str, width: int, depth: int, bounded: bool) -> str:
-    """The row-name suffix of a fresh student."""
+def student_tag(arch: str, width: int, depth: int, bounded: bool, memory: int = 1) -> str:
+    """The row-name suffix of a fresh student (and of a data memory of ``memory`` batches)."""
     if arch == "mlp-endpoint":
-        return f", end-point student {width}×{depth}" + (", bounded" if bounded else "")
-    return f", student MLP {width}×{depth}"
+        tag = f", end-point student {width}×{depth}" + (", bounded" if bounded else "")
+    else:
+        tag = f", student MLP {width}×{depth}"
+    return tag + (f", memory {memory}" if memory > 1 else "")
 
 
 def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, args, model=None,
@@ -237,7 +239,7 @@ def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, a
     ``match=loss`` against fresh batches of ``args.match_batch or args.batch`` data points per step.
     """
     mb = args.match_batch or args.batch  # data points per matching step
-    gen = GENERATED_PER_DATA.get(loss, 1)
+    gen = GENERATED_PER_DATA.get(loss, 1) * args.match_memory
     if model is None and args.student_width:  # a fresh, wider student: regression warm start, then matching
         torch.manual_seed(seed)
         student = build_model(**student_config(args))
@@ -247,6 +249,7 @@ def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, a
         steps -= warm
     return distill(teacher, pairs=pairs, model=model, train_steps=steps, batch_size=gen * mb, lr=args.match_lr,
                    seed=seed, match=loss, data=source_of(data), match_weight=1.0, match_batch_size=mb,
+                   match_memory=args.match_memory,
                    regression_weight=args.match_reg if regression_weight is None else regression_weight).model
 
 
@@ -258,7 +261,8 @@ def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
     mb = args.match_batch or args.batch  # pairs and data points per matching step
     tag = "" if mb == args.batch else f", batch {mb}"
     if args.student_width:
-        tag += student_tag(args.student_arch, args.student_width, args.student_depth, args.student_bounded)
+        tag += student_tag(args.student_arch, args.student_width, args.student_depth, args.student_bounded,
+                           args.match_memory)
 
     def add(name: str, model, seconds: float, budget: int, settings=("1",), **extra) -> None:
         sc = score(model, x_0, reference, settings)
@@ -275,7 +279,7 @@ def run_matched(label: str, src: str, data: str, seed: int, args) -> dict:
 
     def extra(teacher_steps: int, steps: int, loss: str) -> dict:
         return {"teacher_steps": teacher_steps, "match": loss, "match_steps": steps, "match_lr": args.match_lr,
-                "match_reg": args.match_reg, "match_batch": mb, "generated_batch": GENERATED_PER_DATA.get(loss, 1) * mb,
+                "match_reg": args.match_reg, "match_batch": mb, "generated_batch": GENERATED_PER_DATA.get(loss, 1) * args.match_memory * mb,
                 "data_points": teacher_steps * args.batch + steps * mb}
 
     if args.match_steps:
@@ -381,6 +385,7 @@ def markdown(results: dict) -> str:
             if e.get("student_width"):
                 w, d = e["student_width"], e.get("student_depth", 3)
                 arch, bounded = e.get("student_arch", "mlp"), e.get("student_bounded", False)
+                memory = e.get("match_memory", 1)
                 full = ""
                 if "ot-energy-full" in e["match_losses"]:
                     b = e["match_batch"]
@@ -394,7 +399,11 @@ def markdown(results: dict) -> str:
                         "a fresh end-point MLP (`steerflow.models.EndpointMLP`: one Euler step from t = 0 is the "
                         f"network's output, no identity skip `x_0 + …`; {w} wide, {d} hidden layers"
                         + (", tanh last hidden layer" if bounded else "") + ")")
-                lines += [f"Rows `…{student_tag(arch, w, d, bounded)}`: the student is {what} instead of a copy of "
+                if memory > 1:
+                    full += (f" `memory {memory}`: the data side of every plan is the union of the last {memory} data "
+                             f"batches (`distill(match_memory={memory})`; {memory}× larger plans and generated "
+                             f"batches, the same fresh data per step).")
+                lines += [f"Rows `…{student_tag(arch, w, d, bounded, memory)}`: the student is {what} instead of a copy of "
                           f"the teacher; of the matching steps a "
                           f"third regress onto the teacher's pairs (warm start), the rest use the matching term alone; "
                           f"same teacher settings, data use and budget as the rows without the suffix (the teacher is "
@@ -497,6 +506,9 @@ def main(argv=None) -> int:
                         "(one step = the network's output); rows get ', end-point student W×D'")
     p.add_argument("--student-bounded", action="store_true",
                    help="with --student-arch mlp-endpoint: tanh last hidden layer (bounded samples)")
+    p.add_argument("--match-memory", type=int, default=1,
+                   help="with --student-width: compare with the union of the last K data batches "
+                        "(distill(match_memory=K)); rows get ', memory K'")
     p.add_argument("--pairs", type=int, default=20000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -511,6 +523,8 @@ def main(argv=None) -> int:
         p.error("--student-bounded needs --student-arch mlp-endpoint")
     if args.student_arch != "mlp" and not args.student_width:
         p.error("--student-arch needs --student-width")
+    if args.match_memory != 1 and not args.student_width:
+        p.error("--match-memory needs --student-width (the rows of the main matched protocol use no memory)")
     if args.match_train and not 0 < args.match_train < args.steps:
         p.error(f"--match-train must lie in (0, --steps={args.steps}), got {args.match_train}")
     torch.set_num_threads(1)
@@ -549,17 +563,18 @@ def main(argv=None) -> int:
         results["total_s"] = elapsed
     if "matched" in args.rows and (args.match_batch not in (None, args.batch) or args.student_width):
         key = (args.match_batch or args.batch, args.student_width, args.student_depth, args.student_arch,
-               args.student_bounded, sorted(args.match_losses))
+               args.student_bounded, args.match_memory, sorted(args.match_losses))
         extra_runs = [e for e in results.get("matched_extra", [])
                       if (e["match_batch"], e.get("student_width"), e.get("student_depth", 3),
-                          e.get("student_arch", "mlp"), e.get("student_bounded", False),
+                          e.get("student_arch", "mlp"), e.get("student_bounded", False), e.get("match_memory", 1),
                           sorted(e["match_losses"])) != key]
         results["matched_extra"] = extra_runs + [{**{k: getattr(args, k) for k in MATCH_ARGS},
                                                    "match_batch": args.match_batch or args.batch,
                                                    "student_width": args.student_width,
                                                    "student_depth": args.student_depth,
                                                    "student_arch": args.student_arch,
-                                                   "student_bounded": args.student_bounded, "problems": args.problems,
+                                                   "student_bounded": args.student_bounded,
+                                                   "match_memory": args.match_memory, "problems": args.problems,
                                                    "seeds": list(args.seeds), "command": command,
                                                    "seconds": elapsed}]
     elif "matched" in args.rows:

@@ -127,11 +127,13 @@ def test_distill_into_a_fresh_end_point_student(capsys, trained, tmp_path):
     out = tmp_path / "endpoint"
     rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", out, "--match", "ot-energy-full",
                          "--student", "mlp-endpoint", "--student-width", 32, "--student-depth", 2, "--student-bounded",
-                         "--warm-steps", 3, *common)
+                         "--warm-steps", 3, "--match-memory", 2, *common)
     assert rc == 0, err
     step_dir = next(out.glob("step-*"))
     cfg = json.loads((step_dir / "config.json").read_text())
     assert cfg["training"]["student"] == "mlp-endpoint" and cfg["training"]["warm_steps"] == 3
+    # two generated batches against a memory of two data batches of 16
+    assert (cfg["training"]["batch_size"], cfg["training"]["match_memory"]) == (64, 2)
     from steerflow.cli._common import load_flow
     from steerflow.models import EndpointMLP
 
@@ -142,7 +144,7 @@ def test_distill_into_a_fresh_end_point_student(capsys, trained, tmp_path):
     head = model.net[-1]
     box = (head.weight.abs().sum(1) + head.bias.abs()).detach().numpy()
     assert (np.abs(np.load(tmp_path / "e.npy")) <= box + 1e-5).all()
-    for extra, msg in ((["--warm-steps", 3], "--match"),
+    for extra, msg in ((["--warm-steps", 3], "--match"), (["--match-memory", 2], "--match"),
                        (["--match", "ot-energy", "--warm-steps", 8], "--warm-steps"),
                        (["--match", "ot-energy", "--student-bounded"], "mlp-endpoint")):
         rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "bad", *extra, *common)

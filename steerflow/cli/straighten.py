@@ -62,6 +62,9 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-bounded", action="store_true",
                    help="--student mlp-endpoint: tanh last hidden layer, so samples stay in a bounded set (for "
                         "data with compact support)")
+    p.add_argument("--match-memory", type=C.positive_int, default=1,
+                   help="with --match: compare with the union of the last K data batches (K x larger plans, less "
+                        "minibatch bias; still --batch fresh data points per step)")
     p.add_argument("--warm-steps", type=C.nonneg_int, default=0,
                    help="with --match: the first N of --steps regress onto the teacher's pairs alone (a warm "
                         "start for a fresh student), the rest use the --match loss")
@@ -142,7 +145,9 @@ def run_distill(args: argparse.Namespace) -> int:
         raise CLIError("--data is used by --match only; add --match energy, ot-energy or ot-energy-full")
     reg = args.regression_weight if args.regression_weight is not None else (0.0 if args.match else 1.0)
     # --batch is the data batch; ot-energy-full draws GENERATED_PER_DATA (2) generated batches per data batch
-    per_data = GENERATED_PER_DATA[args.match] if args.match else 1
+    if args.match_memory > 1 and not args.match:
+        raise CLIError("--match-memory is used by --match only; add --match ot-energy-full")
+    per_data = GENERATED_PER_DATA[args.match] * args.match_memory if args.match else 1
     batch, match_batch = per_data * args.batch, (args.batch if args.match else None)
     if args.warm_steps and not args.match:
         raise CLIError("--warm-steps splits --steps into regression and matching: add --match")
@@ -163,7 +168,7 @@ def run_distill(args: argparse.Namespace) -> int:
                       method=args.pair_method, train_steps=args.steps - args.warm_steps, batch_size=batch, lr=args.lr,
                       seed=args.seed + (1 if args.warm_steps else 0), progress=not args.quiet, match=args.match,
                       data=data, match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch,
-                      model=student)
+                      match_memory=args.match_memory, model=student)
     except ValueError as e:
         raise CLIError(str(e)) from None
     out = Path(args.out)
@@ -175,7 +180,8 @@ def run_distill(args: argparse.Namespace) -> int:
                         "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
                         "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
                         "seed": args.seed, "match": args.match, "match_weight": args.match_weight,
-                        "regression_weight": reg, "student": args.student, "warm_steps": args.warm_steps,
+                        "regression_weight": reg, "match_memory": args.match_memory, "student": args.student,
+                        "warm_steps": args.warm_steps,
                         **({} if args.student == "copy" else
                            {"student_width": args.student_width, "student_depth": args.student_depth,
                             "student_bounded": args.student_bounded})})

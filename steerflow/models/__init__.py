@@ -54,6 +54,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 __all__ = ["MODELS", "build_model", "model_name", "unwrap_model", "count_parameters", "AbstractVelocityModel",
            "MLPVelocity", "EndpointMLP", "SeluMLP", "UNetVelocity", "SinusoidalTimeEmbedding", "LabelEmbedding",
-           "ACTIVATIONS", "get_activation", "ConditionedVelocityMLP", "PopulationVelocity", "SetEncoder", "ICNN", "PotentialMLP",
-           "PotentialVelocity", "QuadraticPotential"]
+           "ACTIVATIONS", "get_activation", "ConditionedVelocityMLP", "PopulationVelocity", "SetEncoder", "ICNN",
+           "PotentialMLP", "PotentialVelocity", "QuadraticPotential"]
 

@@ -6,6 +6,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._types import expand_t
 from .base import AbstractVelocityModel, LabelEmbedding, SinusoidalTimeEmbedding, check_time, get_activation
 
 
@@ -131,5 +132,4 @@ class EndpointMLP(MLPVelocity):
         """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) or None -> ``(x̂₁ − x) / (1 − t)`` (b, *d)."""
         x1 = self.endpoint(x, t, cond)
         t = check_time(t, x)
-        remaining = (1.0 - t).clamp_min(self.min_remaining).to(x.dtype)
-        return (x1 - x) / remaining.reshape(-1, *([1] * (x.ndim - 1)))
+        return (x1 - x) / expand_t((1.0 - t).clamp_min(self.min_remaining).to(x.dtype), x)

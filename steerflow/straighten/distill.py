@@ -116,7 +116,8 @@ def as_data_sampler(data: Any) -> DataSampler:
 
 
 def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, regression_weight: float = 1.0,
-                          match_batch_size: int | None = None, batch_size: int | None = None) -> Callable[..., Tensor]:
+                          match_batch_size: int | None = None, batch_size: int | None = None,
+                          match_memory: int = 1) -> Callable[..., Tensor]:
     """The loss ``w_reg · || T_θ(x_0) - x_1 ||² + λ · D²(T_θ(x_0), y)`` as ``loss(model, x_0, x_1, generator)``.
 
     ``T_θ(x_0) = x_0 + v_θ(x_0, 0)`` (b, *d) on the minibatch of pairs; ``y`` (b', *d) is a fresh batch of
@@ -125,6 +126,13 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
     ``"ot-energy"``: OT-GAN's minibatch energy distance with the exact ``W₂²`` cost, Salimans et al. 2018;
     ``"ot-energy-full"``: the same on whole data batches, which needs ``b >= 2 b'`` generated points).
     ``batch_size`` (``b``, optional) is only used to check that requirement up front.
+
+    ``match_memory = k > 1`` compares with the union of the last ``k`` data batches instead (``k b'`` points,
+    of which ``b'`` are fresh each step; the first step draws all ``k`` fresh): the plans grow ``k``-fold
+    while the data use per step stays ``b'``. Minibatch OT is biased towards the batch size's own optimum
+    (a generated point is pulled to the average of the partners random batches give it, which shrinks thin
+    structure and shifts mode weights); larger plans shrink that bias. Needs ``match_batch_size`` and
+    ``b >= k b'`` generated points (``2 k b'`` for ``"ot-energy-full"``).
     """
     loss_fn = get_matching_loss(match)
     _check_weight(match_weight, "match_weight")
@@ -134,21 +142,30 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
         raise ValueError(f"match_batch_size must be an integer >= 2 or None, got {match_batch_size!r}")
     if match_weight == 0 and regression_weight == 0:
         raise ValueError("match_weight and regression_weight are both 0: nothing to minimise")
-    per = GENERATED_PER_DATA[match]  # generated points the loss needs per data point
+    if not isinstance(match_memory, int) or isinstance(match_memory, bool) or match_memory < 1:
+        raise ValueError(f"match_memory must be an integer >= 1, got {match_memory!r}")
+    if match_memory > 1 and match_batch_size is None:
+        raise ValueError(f"match_memory={match_memory} needs match_batch_size (the fresh data per step), got None")
+    per = GENERATED_PER_DATA[match] * match_memory  # generated points the loss needs per fresh data point
     if per > 1 and match_batch_size is None:
         raise ValueError(f"match={match!r} needs match_batch_size (the data batch; batch_size >= "
                          f"{per} * match_batch_size generated points), got None")
     if per > 1 and batch_size is not None and batch_size < per * match_batch_size:
-        raise ValueError(f"match={match!r} needs batch_size >= {per} * match_batch_size generated points per data "
-                         f"batch, got batch_size={batch_size} and match_batch_size={match_batch_size}")
+        raise ValueError(f"match={match!r} with match_memory={match_memory} needs batch_size >= {per} * "
+                         f"match_batch_size generated points per data batch, got batch_size={batch_size} and "
+                         f"match_batch_size={match_batch_size}")
     if data is None:
         raise ValueError(f"data must be given with match={match!r} (a tensor (N, *d), a sampler (n, generator) "
                          "or a dataset with .sample); got None")
     draw = as_data_sampler(data)
+    recent: list[Tensor] = []  # the last match_memory data batches
 
     def loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.Generator) -> Tensor:
         x_hat = one_step(model, x_0)
-        y = draw(match_batch_size or x_0.shape[0], generator).to(device=x_hat.device, dtype=x_hat.dtype)
+        n = match_batch_size or x_0.shape[0]
+        recent.extend(draw(n, generator) for _ in range(match_memory if not recent else 1))
+        del recent[:-match_memory]
+        y = (recent[0] if match_memory == 1 else torch.cat(recent)).to(device=x_hat.device, dtype=x_hat.dtype)
         total = match_weight * loss_fn(x_hat, y)
         if regression_weight > 0:
             total = total + regression_weight * ((x_hat - x_1) ** 2).mean()
@@ -168,7 +185,7 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
             seed: int | None = None, cosine: bool = True, progress: bool = False, match: str | None = None,
             data: Any = None, match_weight: float = 1.0, regression_weight: float = 1.0,
-            match_batch_size: int | None = None) -> DistillResult:
+            match_batch_size: int | None = None, match_memory: int = 1) -> DistillResult:
     """Distil a flow into a one-step generator by L2 regression on its ODE pairs (plus, optionally, matching).
 
     Loss per minibatch of pairs: ``w_reg · || T_θ(x_0) - x_1 ||²`` (Liu et al. 2022, §2.3), plus, with
@@ -190,6 +207,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
         data: the data for the matching term (required with ``match``): a tensor (N, *d), a sampler
             ``(n, generator) -> (n, *d)`` or a dataset with ``.sample(n, generator)``. Each step draws one
             batch of ``match_batch_size`` (default ``batch_size``) points.
+        match_memory: compare with the union of the last ``match_memory`` data batches (larger plans, the same
+            fresh data per step; see :func:`matched_one_step_loss`).
         match_weight: ``λ >= 0``; regression_weight: ``w_reg >= 0`` (0 with ``match``: matching alone,
             e.g. to fine-tune a student already distilled by regression, passed as ``model``; without
             ``pairs`` only ``x_0`` is drawn from ``source`` — no teacher ODE is solved — and the returned
@@ -202,6 +221,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
     if match is None:
         if data is not None:
             raise ValueError("data= is only used with match=; pass match='energy' or drop data")
+        if match_memory != 1:
+            raise ValueError("match_memory is only used with match=; pass match='ot-energy-full' or drop it")
         _check_weight(regression_weight, "regression_weight")
         if regression_weight == 0:
             raise ValueError("regression_weight=0 without match= leaves nothing to minimise")
@@ -209,7 +230,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             lambda m, x_0, x_1, g: regression_weight * one_step_loss(m, x_0, x_1, g))
     else:
         loss_fn = matched_one_step_loss(match, data, match_weight=match_weight, regression_weight=regression_weight,
-                                        match_batch_size=match_batch_size, batch_size=batch_size)
+                                        match_batch_size=match_batch_size, batch_size=batch_size,
+                                        match_memory=match_memory)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if pairs is None:
@@ -226,10 +248,11 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
                                    shape=shape)
     elif not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs, got {type(pairs).__name__}")
-    need = GENERATED_PER_DATA[match] * match_batch_size if match is not None and GENERATED_PER_DATA[match] > 1 else 0
+    per = GENERATED_PER_DATA[match] * match_memory if match is not None else 1
+    need = per * match_batch_size if per > 1 else 0
     if pairs.x_0.shape[0] < need:  # (match_batch_size is set there: checked by matched_one_step_loss)
-        raise ValueError(f"match={match!r} draws {GENERATED_PER_DATA[match]} * match_batch_size = {need} pairs per "
-                         f"step, but there are only {pairs.x_0.shape[0]} pairs")
+        raise ValueError(f"match={match!r} with match_memory={match_memory} draws {per} * match_batch_size = {need} "
+                         f"pairs per step, but there are only {pairs.x_0.shape[0]} pairs")
     if model is None:
         if not isinstance(v_or_model, nn.Module):
             raise TypeError("distill needs model= (the student network) when the teacher is not an nn.Module")
