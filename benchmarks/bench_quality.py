@@ -29,7 +29,9 @@ fresh batch ``y`` of ``--batch`` data points per step (``--match-reg`` = w_reg, 
 exact W2² cost, halves of the generated and the data batch) or ``ot-energy-full`` (the same with two generated
 batches of ``--batch`` against one whole data batch: each matching step then draws 2 × ``--batch`` source points,
 which cost no data). ``--student-width W [--student-depth D]`` trains a fresh W×D MLP student instead of a copy
-of the teacher (a third of the matching steps regress onto the teacher's pairs first). ``--rows matched``
+of the teacher (a third of the matching steps regress onto the teacher's pairs first); ``--student-arch
+mlp-endpoint [--student-bounded]`` makes that student a :class:`steerflow.models.EndpointMLP` and
+``--match-memory K`` compares with the last K data batches (``distill(match_memory=K)``). ``--rows matched``
 alone computes only these rows and merges them into the existing JSON.
 ``--match-batch B`` (with ``--match-train 0`` for the any-budget row alone) uses B pairs and B data points
 per matching step; those rows are named ``matched[M, batch B]`` and described apart (they use more data).
