@@ -143,6 +143,25 @@ def test_torus_from_npy(tmp_path, capsys):
     assert x.shape == (64, 2) and (x >= 0).all() and (x < 2 * np.pi).all()
     rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 8, "--n", 20)
     assert rc == 0, err
+    # the network sees (cos θ, sin θ): the stored field is 2π-periodic in every angle, continuous at the seam
+    import json
+
+    import torch
+
+    from steerflow.cli._common import load_flow
+
+    assert json.loads((ckpt / "run.json").read_text())["network"]["embed"] == "periodic"
+    v = load_flow(ckpt, allow_manifold=True).model
+    theta = torch.rand(32, 2, dtype=torch.float32) * 2 * np.pi
+    t = torch.rand(32)
+    with torch.no_grad():
+        for shift in ([2 * np.pi, 0.0], [0.0, -2 * np.pi], [4 * np.pi, 2 * np.pi]):
+            torch.testing.assert_close(v(theta + torch.tensor(shift, dtype=torch.float32), t), v(theta, t),
+                                       rtol=0, atol=1e-5)
+        eps = 1e-4  # just below and just above the seam θ = 0 ≡ 2π
+        below = v(torch.tensor([[2 * np.pi - eps, 1.0]], dtype=torch.float32), t[:1])
+        above = v(torch.tensor([[eps, 1.0]], dtype=torch.float32), t[:1])
+        assert (below - above).abs().max() < 1e-2
     res = json.loads((ckpt / "eval.json").read_text())
     assert abs(res["base_nll"] - 2 * math.log(2 * math.pi)) < 1e-9 and math.isfinite(res["nll"])
 

@@ -183,3 +183,20 @@ def test_bounded_endpoint_mlp_keeps_samples_in_the_head_box():
     free = EndpointMLP(dim=2, hidden=32, depth=3).eval()  # unbounded: far inputs go far
     with torch.no_grad():
         assert free.endpoint(x, torch.zeros(1000)).abs().max() > 100 * box.max()
+
+
+def test_mlp_in_dim_takes_wider_features_than_it_returns():
+    """``in_dim``: (b, in_dim) features in, (b, dim) out; the config round trip keeps it; older configs have none."""
+    torch.manual_seed(0)
+    m = MLPVelocity(2, hidden=8, depth=2, in_dim=4)
+    out = m(torch.randn(5, 4), torch.rand(5))
+    assert out.shape == (5, 2)
+    m2 = build_model("mlp", **json.loads(json.dumps(m.config)))
+    m2.load_state_dict(m.state_dict())
+    x, t = torch.randn(3, 4), torch.rand(3)
+    torch.testing.assert_close(m2(x, t), m(x, t), rtol=0, atol=0)
+    assert "in_dim" not in MLPVelocity(2).config
+    with pytest.raises(ValueError, match="in_dim=4"):
+        m(torch.randn(5, 2), torch.rand(5))
+    with pytest.raises(ValueError, match="in_dim"):
+        MLPVelocity(2, in_dim=0)

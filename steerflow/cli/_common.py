@@ -361,12 +361,31 @@ def split_points(x: torch.Tensor, split: str | None, seed: int) -> torch.Tensor:
     return out
 
 
+NETWORK_EMBEDS = ("periodic",)  # input features a manifold run's network may see instead of raw coordinates
+
+
+def network_embed(manifold) -> str | None:
+    """The input features ``steerflow train --manifold`` gives its network: ``"periodic"`` (``cos θ, sin θ``,
+    :meth:`FlatTorus.periodic_features`) on a torus, whose raw angles jump by 2π at the seam; None (the ambient
+    coordinates, continuous already) elsewhere."""
+    from ..manifolds import FlatTorus
+
+    return "periodic" if isinstance(manifold, FlatTorus) else None
+
+
 def build_manifold_model(manifold, network: dict):
-    """``TangentVelocity(build_model(network["name"], **network["config"]), manifold)``."""
+    """``TangentVelocity(build_model(network["name"], **network["config"]), manifold, embed=...)``; ``network``'s
+    optional ``"embed"`` (``"periodic"``) names the input features (runs without it saw raw coordinates)."""
     from ..manifolds import TangentVelocity
     from ..models import build_model
 
-    return TangentVelocity(build_model(network["name"], **network["config"]), manifold)
+    embed = network.get("embed")
+    if embed not in (None, *NETWORK_EMBEDS):
+        raise ValueError(f"unknown network embed {embed!r}; expected one of {list(NETWORK_EMBEDS)}")
+    if embed == "periodic" and not hasattr(manifold, "periodic_features"):
+        raise ValueError(f"network embed 'periodic' needs a torus, got {manifold.name}")
+    return TangentVelocity(build_model(network["name"], **network["config"]), manifold,
+                           embed=manifold.periodic_features if embed == "periodic" else None)
 
 
 def _load_manifold_flow(d: Path, info: RunInfo, *, ema: bool, device) -> Loaded:

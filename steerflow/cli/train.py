@@ -114,8 +114,6 @@ def _check_resume(out: Path, model) -> None:
 
 def _run_manifold(args: argparse.Namespace) -> int:
     """``train`` on a manifold: the same loop, with ``TangentVelocity``, ``GeodesicPath`` and ``M.random_base``."""
-    from ..manifolds import TangentVelocity
-    from ..models import build_model
     from ..paths.geodesic import GeodesicPath
     from ..training import train
 
@@ -137,11 +135,14 @@ def _run_manifold(args: argparse.Namespace) -> int:
     config = {"dim": manifold.ambient_dim}
     if args.hidden is not None:
         config["hidden"] = args.hidden
+    kind = C.network_embed(manifold)
+    embed = {"embed": kind} if kind else {}
+    if embed:  # (cos θ, sin θ) in, one velocity component per angle out
+        config["in_dim"] = 2 * manifold.ambient_dim
     with torch.random.fork_rng(devices=[]):  # initial weights from --seed, the caller's RNG untouched
         torch.manual_seed(args.seed)
-        inner = build_model("mlp", **config)
-    network = {"name": "mlp", "config": dict(inner.config)}
-    model = TangentVelocity(inner, manifold)
+        model = C.build_manifold_model(manifold, {"name": "mlp", "config": config, **embed})
+    network = {"name": "mlp", "config": dict(model.model.config), **embed}
     out = Path(args.out)
     _check_out(out, args.resume)
     info = C.RunInfo(data=args.data, source="base", kind="flow", coupling="independent", path="geodesic",

@@ -17,23 +17,29 @@ class MLPVelocity(AbstractVelocityModel):
     ``e`` the optional class embedding with a null token (``n_classes`` set; ``cond=None`` is the null
     class, and ``label_dropout`` drops labels during training for classifier-free guidance).
     ``depth`` hidden layers of width ``hidden`` with ``activation``; linear output of size ``dim``.
+    ``in_dim`` (default ``dim``) is the width of the input features when they differ from the output, e.g. the
+    ``(cos θ, sin θ)`` features of angles on a torus; the output is then ``(b, dim)``.
     """
 
     name: ClassVar[str] = "mlp"
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_embed_dim: int = 64,
-                 activation: str = "silu", n_classes: int | None = None, label_dropout: float = 0.0) -> None:
+                 activation: str = "silu", n_classes: int | None = None, label_dropout: float = 0.0,
+                 in_dim: int | None = None) -> None:
         super().__init__()
-        for key, val in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+        in_width = dim if in_dim is None else in_dim
+        for key, val in (("dim", dim), ("hidden", hidden), ("depth", depth), ("in_dim", in_width)):
             if not (isinstance(val, int) and val >= 1):
                 raise ValueError(f"{key} must be a positive int, got {val!r}")
         self._set_config(dim=dim, hidden=hidden, depth=depth, time_embed_dim=time_embed_dim,
-                         activation=activation, n_classes=n_classes, label_dropout=label_dropout)
+                         activation=activation, n_classes=n_classes, label_dropout=label_dropout,
+                         **({} if in_dim is None else {"in_dim": in_dim}))  # (older configs have no in_dim)
         self.dim = dim
+        self.in_dim = in_width
         self.time_embed = SinusoidalTimeEmbedding(time_embed_dim)
         self.label_embed = (LabelEmbedding(n_classes, time_embed_dim, label_dropout)
                             if n_classes is not None else None)
-        width_in = dim + time_embed_dim * (2 if n_classes is not None else 1)
+        width_in = self.in_dim + time_embed_dim * (2 if n_classes is not None else 1)
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(width_in if i == 0 else hidden, hidden), get_activation(activation)]
@@ -45,11 +51,15 @@ class MLPVelocity(AbstractVelocityModel):
         return (self.dim,)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) integer labels or None -> (b, *d)."""
+        """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) integer labels or None -> (b, *d)
+        (with ``in_dim``: ``x`` (b, in_dim) -> (b, dim))."""
         shape = x.shape
         h = x.reshape(shape[0], -1)
-        if h.shape[1] != self.dim:
-            raise ValueError(f"MLPVelocity(dim={self.dim}) got x of shape {tuple(shape)}")
+        if h.shape[1] != self.in_dim:
+            size = f"dim={self.dim}" if self.in_dim == self.dim else f"in_dim={self.in_dim}"
+            raise ValueError(f"MLPVelocity({size}) got x of shape {tuple(shape)}")
+        if self.in_dim != self.dim:
+            shape = (shape[0], self.dim)
         t = check_time(t, x)
         feats = [h, self.time_embed(t).to(h.dtype)]
         if self.label_embed is not None:
