@@ -162,6 +162,21 @@ def test_torus_from_npy(tmp_path, capsys):
         below = v(torch.tensor([[2 * np.pi - eps, 1.0]], dtype=torch.float32), t[:1])
         above = v(torch.tensor([[eps, 1.0]], dtype=torch.float32), t[:1])
         assert (below - above).abs().max() < 1e-2
+    # a product with a torus factor: the angle enters as (cos θ, sin θ) too
+    s2 = rng.standard_normal((50, 3))
+    prod = np.concatenate([s2 / np.linalg.norm(s2, axis=1, keepdims=True), pts[:, :1]], axis=1).astype(np.float32)
+    np.save(tmp_path / "prod.npy", prod)
+    ckpt2 = tmp_path / "prod"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2xtorus1", "--data", tmp_path / "prod.npy", "--steps", 5,
+                         "--out", ckpt2, *QUICK)
+    assert rc == 0, err
+    net = json.loads((ckpt2 / "run.json").read_text())["network"]
+    assert net["embed"] == "periodic" and net["config"]["in_dim"] == 5 and net["config"]["dim"] == 4
+    v2 = load_flow(ckpt2, allow_manifold=True).model
+    x = torch.from_numpy(prod[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(v2(x + torch.tensor([0.0, 0.0, 0.0, 2 * np.pi]), t[:8]), v2(x, t[:8]),
+                                   rtol=0, atol=1e-5)
     res = json.loads((ckpt / "eval.json").read_text())
     assert abs(res["base_nll"] - 2 * math.log(2 * math.pi)) < 1e-9 and math.isfinite(res["nll"])
 

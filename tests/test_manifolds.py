@@ -268,3 +268,19 @@ def test_euclidean_is_flat():
     x = E.random_base(16, _gen(17), dtype=torch.float64)
     torch.testing.assert_close(E.base_log_prob(x), -0.5 * (x ** 2).sum(-1) - 1.5 * math.log(2 * math.pi))
     torch.testing.assert_close(E.retract(x, x), 2 * x)
+
+
+def test_product_periodic_features_embed_torus_factors_and_keep_the_rest():
+    """S² × SO(3) × T¹ (× T² nested): torus angles become (cos, sin), other factors their flattened coordinates;
+    the features are 2π-periodic in every angle."""
+    P = Product(Sphere(2), SO3(), Product(FlatTorus(1), FlatTorus(2)))
+    x = P.random_base(5, torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = P.periodic_features(x)
+    assert f.shape == (5, 3 + 9 + 2 + 4)
+    s2, r, tor = P.split(x)
+    torch.testing.assert_close(f[:, :3], s2)
+    torch.testing.assert_close(f[:, 3:12], r.reshape(5, 9))
+    torch.testing.assert_close(f[:, 12:], Product(FlatTorus(1), FlatTorus(2)).periodic_features(tor))
+    shifted = x.clone()
+    shifted[:, 12:] += 2 * math.pi * torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(P.periodic_features(shifted), f, rtol=0, atol=1e-12)

@@ -366,11 +366,14 @@ NETWORK_EMBEDS = ("periodic",)  # input features a manifold run's network may se
 
 def network_embed(manifold) -> str | None:
     """The input features ``steerflow train --manifold`` gives its network: ``"periodic"`` (``cos θ, sin θ``,
-    :meth:`FlatTorus.periodic_features`) on a torus, whose raw angles jump by 2π at the seam; None (the ambient
-    coordinates, continuous already) elsewhere."""
-    from ..manifolds import FlatTorus
+    :meth:`FlatTorus.periodic_features`) on a torus or a product with a torus factor, whose raw angles jump by 2π
+    at the seam; None (the ambient coordinates, continuous already) elsewhere."""
+    from ..manifolds import FlatTorus, Product
 
-    return "periodic" if isinstance(manifold, FlatTorus) else None
+    def has_torus(m) -> bool:
+        return isinstance(m, FlatTorus) or (isinstance(m, Product) and any(map(has_torus, m.factors)))
+
+    return "periodic" if has_torus(manifold) else None
 
 
 def build_manifold_model(manifold, network: dict):

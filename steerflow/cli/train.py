@@ -137,8 +137,8 @@ def _run_manifold(args: argparse.Namespace) -> int:
         config["hidden"] = args.hidden
     kind = C.network_embed(manifold)
     embed = {"embed": kind} if kind else {}
-    if embed:  # (cos θ, sin θ) in, one velocity component per angle out
-        config["in_dim"] = 2 * manifold.ambient_dim
+    if embed:  # (cos θ, sin θ) per angle in, the ambient velocity out
+        config["in_dim"] = manifold.periodic_features(manifold.random_base(1)).shape[1]
     with torch.random.fork_rng(devices=[]):  # initial weights from --seed, the caller's RNG untouched
         torch.manual_seed(args.seed)
         model = C.build_manifold_model(manifold, {"name": "mlp", "config": config, **embed})

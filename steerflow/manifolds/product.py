@@ -103,5 +103,12 @@ class Product(AbstractManifold):
         pairs = [m.geodesic(a, b, t) for m, a, b in zip(self.factors, self.split(x_0), self.split(x_1))]
         return self.join([p[0] for p in pairs]), self.join([p[1] for p in pairs])
 
+    def periodic_features(self, x: Tensor) -> Tensor:
+        """Network input features ``(b, F)``: each factor's own ``periodic_features`` where it has them (a
+        torus: ``cos θ, sin θ``), its flattened coordinates otherwise; the ``embed`` for
+        :class:`~steerflow.manifolds.TangentVelocity` on a product with a torus factor."""
+        return torch.cat([m.periodic_features(a) if hasattr(m, "periodic_features") else a.reshape(a.shape[0], -1)
+                          for m, a in zip(self.factors, self.split(x))], dim=-1)
+
     def __repr__(self) -> str:
         return f"Product({', '.join(repr(m) for m in self.factors)})"
