@@ -138,7 +138,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
     kind = C.network_embed(manifold)
     embed = {"embed": kind} if kind else {}
     if embed:  # (cos θ, sin θ) per angle in, the ambient velocity out
-        config["in_dim"] = manifold.periodic_features(manifold.random_base(1)).shape[1]
+        config["in_dim"] = manifold.periodic_features(torch.zeros(1, *manifold.shape)).shape[1]  # (width only)
     with torch.random.fork_rng(devices=[]):  # initial weights from --seed, the caller's RNG untouched
         torch.manual_seed(args.seed)
         model = C.build_manifold_model(manifold, {"name": "mlp", "config": config, **embed})
