@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import (PROBLEMS, TARGETS, eval_sets, student_tag, teacher_pairs, train_matched,  # noqa: E402
-                           train_ours, train_torchcfm)
+from bench_quality import (PROBLEMS, TARGETS, eval_sets, student_tag, target_verdict, teacher_pairs,  # noqa: E402
+                           train_matched, train_ours, train_torchcfm)
 
 from steerflow.metrics import w2  # noqa: E402
 from steerflow.solvers import sample  # noqa: E402
@@ -162,10 +162,8 @@ def markdown(results: dict) -> str:
             if name not in s["rows"]:
                 continue
             v, se = s["rows"][name]["draws"]["mean"], s["rows"][name]["draws"]["se"]
-            verdict = ("met" if v + 2 * se <= TARGETS[label] else "NOT met" if v - 2 * se > TARGETS[label]
-                       else "not resolved (within two standard errors)")
             lines.append(f"- `{name}`: target W2@1 ≤ {TARGETS[label]:.2f} on the {n} draws: {v:.3f} ± {se:.3f} → "
-                         f"{verdict}; a perfect sampler scores {s['perfect']['mean']:.3f} on the same references.")
+                         f"{target_verdict(v, se, TARGETS[label])}; a perfect sampler scores {s['perfect']['mean']:.3f} on the same references.")
         lines.append("")
     lines += [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}.", ""]
     return "\n".join(lines)

@@ -347,6 +347,13 @@ def _perfect_generator_scores(seeds: list[int], n_eval: int) -> dict:
     return noise["problems"] if (noise["seeds"], noise["n_eval"]) == (list(seeds), n_eval) else {}
 
 
+def target_verdict(mean: float, se: float, target: float) -> str:
+    """Whether a many-draw mean meets ``W2 ≤ target``, judged at two standard errors."""
+    if mean + 2 * se <= target:
+        return "met"
+    return "NOT met" if mean - 2 * se > target else "not resolved (within two standard errors)"
+
+
 def _many_draw_scores(label: str) -> dict:
     """``bench_onestep.py``'s many-draw scores of the matched one-step rows of problem ``label``, if it has run."""
     path = RESULTS / "onestep.json"
@@ -454,9 +461,8 @@ def markdown(results: dict) -> str:
             many = _many_draw_scores(label).get(n)
             if many is not None:  # the better estimate of the same quantity decides
                 m, se = many["draws"]["mean"], many["draws"]["se"]
-                verdict = ("met" if m + 2 * se <= TARGETS[label] else "NOT met" if m - 2 * se > TARGETS[label]
-                           else "not resolved (within two standard errors)")
-                line += (f"; on {many['draws']['n']} evaluation draws it scores {m:.3f} ± {se:.3f}: {verdict}")
+                line += (f"; on {many['draws']['n']} evaluation draws it scores {m:.3f} ± {se:.3f}: "
+                         f"{target_verdict(m, se, TARGETS[label])}")
             lines.append(line + ".")
         if tc is not None:
             lines.append(f"- torchcfm OT-CFM @ 1 step: {tc:.3f} ({pr['steps']} steps).")

@@ -144,6 +144,12 @@ def test_distill_into_a_fresh_end_point_student(capsys, trained, tmp_path):
     head = model.net[-1]
     box = (head.weight.abs().sum(1) + head.bias.abs()).detach().numpy()
     assert (np.abs(np.load(tmp_path / "e.npy")) <= box + 1e-5).all()
+    # the README's recommended recipe: a fresh velocity MLP, warm start, then ot-energy-full
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "velocity", "--match",
+                         "ot-energy-full", "--student", "mlp", "--student-width", 32, "--warm-steps", 3, *common)
+    assert rc == 0, err
+    velocity = load_flow(tmp_path / "velocity").model
+    assert type(velocity).__name__ == "MLPVelocity" and velocity.config["hidden"] == 32
     for extra, msg in ((["--warm-steps", 3], "--match"), (["--match-memory", 2], "--match"),
                        (["--match", "ot-energy", "--warm-steps", 8], "--warm-steps"),
                        (["--match", "ot-energy", "--student-bounded"], "mlp-endpoint")):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -107,11 +108,8 @@ def _student(args: argparse.Namespace, event_shape: tuple[int, ...], teacher):
         return None
     if getattr(teacher, "label_embed", None) is not None:
         raise CLIError("a fresh --student is unconditional; the teacher is class-conditional: use --student copy")
-    dim = 1
-    for s in event_shape:
-        dim *= s
     extra = {"bounded": args.student_bounded} if args.student == "mlp-endpoint" else {}
-    return build_model(args.student, dim=dim, hidden=args.student_width, depth=args.student_depth, **extra)
+    return build_model(args.student, dim=math.prod(event_shape), hidden=args.student_width, depth=args.student_depth, **extra)
 
 
 def run_distill(args: argparse.Namespace) -> int:
