@@ -1,14 +1,15 @@
 """Minibatch OT couplings: speed, uniqueness of pairs and optimality gap.
 
-Source N(0, I) in 2-D against a two-moons-like target, batch 256 / 1024 / 4096, one torch thread.
-Compares steerflow's ExactOT (default ``solver="auto"``: POT's network simplex called directly, run to
-optimality; and ``solver="auction-lsa"``, the path used without POT), scipy's cold exact assignment,
+Source N(0, I) in 2-D against a two-moons-like target, batch 32 / 128 / 256 / 1024 / 4096, one torch thread.
+Compares steerflow's ExactOT (default ``solver="auto"``: the compiled auction + Jonker–Volgenant solver;
+``solver="emd"``, POT's network simplex called directly and run to optimality, the default where the C
+extension is not built; and ``solver="auction-lsa"``, the path with neither), scipy's cold exact assignment,
 steerflow's Sinkhorn coupling, and torchcfm 1.0.7's ``OTPlanSampler(method="exact").sample_plan`` (POT's
 network simplex ``ot.emd``) when importable. The optimum is scipy's ``linear_sum_assignment`` on the same
 float64 cost matrix.
 
     python benchmarks/bench_ot.py            # writes benchmarks/results/ot_coupling.{json,md}
-    python benchmarks/bench_ot.py --quick    # 256 / 1024 only
+    python benchmarks/bench_ot.py --quick    # 32 / 256 / 1024 only
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def timed(fn, repeats: int):
 
 def main(quick: bool = False) -> None:
     torch.set_num_threads(1)
-    sizes = [256, 1024] if quick else [256, 1024, 4096]
-    repeats = {256: 7, 1024: 5, 4096: 2}
+    sizes = [32, 256, 1024] if quick else [32, 128, 256, 1024, 4096]
+    repeats = {32: 101, 128: 51, 256: 7, 1024: 5, 4096: 3}
     try:
         from torchcfm.optimal_transport import OTPlanSampler
         torchcfm_note = "torchcfm.optimal_transport.OTPlanSampler(method='exact').sample_plan (POT ot.emd)"
@@ -62,6 +63,7 @@ def main(quick: bool = False) -> None:
         torchcfm_note = f"torchcfm not importable ({type(e).__name__}: {e}); skipped"
     rows = []
     for n in sizes:
+        first = len(rows)
         g = torch.Generator().manual_seed(n)
         x_0 = torch.randn(n, 2, generator=g)
         x_1 = moons(n, g)
@@ -79,10 +81,13 @@ def main(quick: bool = False) -> None:
                     "unique_pairs": len(set(sigma.tolist())) / n, "gap_rel": total / opt - 1.0}
 
         exact = ExactOT()
-        rows.append(ours_row("steerflow ExactOT() (auto: network simplex, converged)", lambda: exact.indices(x_0, x_1),
+        rows.append(ours_row("steerflow ExactOT() (auto: compiled auction + JV)", lambda: exact.indices(x_0, x_1),
+                             repeats[n]))
+        simplex = ExactOT(solver="emd")
+        rows.append(ours_row("steerflow ExactOT(solver='emd') (no C extension)", lambda: simplex.indices(x_0, x_1),
                              repeats[n]))
         auction = ExactOT(solver="auction-lsa")
-        rows.append(ours_row("steerflow ExactOT(solver='auction-lsa') (no POT)", lambda: auction.indices(x_0, x_1),
+        rows.append(ours_row("steerflow ExactOT(solver='auction-lsa') (no C, no POT)", lambda: auction.indices(x_0, x_1),
                              repeats[n]))
         rows.append({"n": n, "method": "scipy linear_sum_assignment (cold, float64, 1 run)", "ms_median": lsa_ms,
                      "ms_all": [lsa_ms], "unique_pairs": 1.0, "gap_rel": 0.0})
@@ -109,14 +114,16 @@ def main(quick: bool = False) -> None:
                          "unique_pairs": len(set(zip(i.tolist(), j.tolist()))) / n, "gap_rel": sampled / opt - 1.0,
                          "plan_gap_rel": float((pi * Cn).sum()) * n / opt - 1.0,
                          "warnings": sorted(set(caught))})
-        for row in rows[-5:]:
+        for row in rows[first:]:
             print(f"n={n:5d} {row['method']:48s} {row['ms_median']:10.1f} ms  unique {row['unique_pairs']:.3f}  "
                   f"gap {row['gap_rel']:+.2e}", flush=True)
     ratios = {}
     for n in sizes:
         ours = next(r for r in rows if r["n"] == n and r["method"].startswith("steerflow ExactOT() (auto"))
         lsa = next(r for r in rows if r["n"] == n and r["method"].startswith("scipy"))
-        entry = {"scipy_lsa_over_ours": lsa["ms_median"] / ours["ms_median"]}
+        simplex = next(r for r in rows if r["n"] == n and "solver='emd'" in r["method"])
+        entry = {"scipy_lsa_over_ours": lsa["ms_median"] / ours["ms_median"],
+                 "network_simplex_over_ours": simplex["ms_median"] / ours["ms_median"]}
         cfm = [r for r in rows if r["n"] == n and r["method"].startswith("torchcfm")]
         if cfm:
             entry["torchcfm_over_ours"] = cfm[0]["ms_median"] / ours["ms_median"]

@@ -6,20 +6,23 @@ linear assignment problem
 
     σ* = argmin_σ Σ_j C[σ(j), j],   C_ij = c(x_0[i], x_1[j]).
 
-Solver. ``scipy.optimize.linear_sum_assignment`` (a shortest-augmenting-path Jonker–Volgenant method,
-Crouse 2016) is exact but slow from a cold start at large ``n``. For ``n >= auction_min_size`` (2048 by
-default) we first run a few ε-scaling phases of Bertsekas' auction algorithm (Bertsekas 1988; Jacobi bidding, vectorised
-in torch on the cost matrix's device) to get near-optimal column prices ``p``, and then hand the
-*reduced* matrix ``C_ij + p_j`` to the exact solver. Adding a constant to a column adds the same amount
-to every assignment's total, so the optimal permutation is unchanged; the prices only make the
-augmenting paths short. Exactness never depends on the auction (it is a warm start); it rests on the
-exact solver. In floating point the reduction perturbs costs by ~1e-16 relative, so on exact ties the
+Solvers. ``"auction-jv"`` (the default wherever steerflow's optional C extension ``_lap.c`` is built)
+runs ε-scaling phases of Bertsekas' forward auction (Bertsekas 1988) to get near-optimal column duals,
+then Jonker–Volgenant's augmenting row reduction and shortest augmenting paths (Jonker & Volgenant 1987)
+from those duals: the auction is only a warm start, exactness rests on the augmenting paths, which end
+with a perfect matching and feasible duals (an optimality certificate the tests check on every
+entry). On N(0, I) → moons batches it is exact and 2–5× faster than POT's network simplex
+(benchmarks/results/ot_coupling.md). Without the extension: ``"emd"`` uses POT's network simplex
+(optional dependency), run to convergence and checked to be a permutation; ``"lsa"`` is
+``scipy.optimize.linear_sum_assignment`` (a shortest-augmenting-path Jonker–Volgenant method, Crouse
+2016), exact but slow from a cold start at large ``n``; ``"auction-lsa"`` first runs the auction
+(Jacobi bidding, vectorised in torch on the cost matrix's device) to get prices ``p`` and hands the
+*reduced* matrix ``C_ij + p_j`` to scipy. Adding a constant to a column adds the same amount to every
+assignment's total, so the optimal permutation is unchanged; the prices only make the augmenting paths
+short. In floating point the reduction perturbs costs by ~1e-16 relative, so on exact ties the
 returned permutation may differ from a cold solve while having the same total cost to ~1e-12.
-``solver="emd"`` uses POT's network simplex instead (optional dependency), run to convergence and
-checked to be a permutation. On the 2-D benchmark problems the network simplex is 3–4× faster than a
-cold Jonker–Volgenant solve (3.4 vs 9.4 ms at 256, 88 vs 444 ms at 1024, one thread) and, called
-directly, faster than the auction warm start up to n = 4096 (3.5 vs 4.7 s), so ``"auto"`` uses it at
-every size when POT is installed; the auction path serves large problems without POT.
+``"auto"`` takes ``auction-jv`` when built, else ``emd`` when POT is installed, else ``auction-lsa``
+for ``n >= auction_min_size`` and ``lsa`` below.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _native
 from .base import AbstractIndexCoupling, Cost, all_finite, cost_matrix, resolve_cost
 
-SOLVERS = ("auto", "lsa", "auction-lsa", "emd")
+SOLVERS = ("auto", "auction-jv", "lsa", "auction-lsa", "emd")
 
 
 def _auction_prices(C: Tensor, *, eps_final: float = 1e-5, eps_start: float = 1e-2, theta: float = 10.0,
@@ -166,11 +170,13 @@ def solve_assignment(C: Tensor, *, solver: str = "auto", auction_min_size: int =
     Args:
         C: (n, n) finite costs, ``C[i, j]`` the cost of pairing source ``i`` with target ``j``; any
             device (the auction warm start runs there, the exact solve on CPU in float64).
-        solver: ``"lsa"`` (scipy's exact Jonker–Volgenant from a cold start), ``"auction-lsa"`` (auction
-            prices, then the same exact solver on ``C_ij + p_j``), ``"emd"`` (POT's network simplex,
-            optional dependency; its optimal vertex is a permutation, checked, with a fallback to
-            ``auction-lsa`` if it stops early) or ``"auto"`` (``emd`` when POT is installed; without POT,
-            ``auction-lsa`` for ``n >= auction_min_size`` and ``lsa`` below).
+        solver: ``"auction-jv"`` (steerflow's compiled auction + Jonker–Volgenant solver, exact; needs
+            the C extension), ``"lsa"`` (scipy's exact Jonker–Volgenant from a cold start),
+            ``"auction-lsa"`` (auction prices, then the same exact solver on ``C_ij + p_j``), ``"emd"``
+            (POT's network simplex, optional dependency; its optimal vertex is a permutation, checked,
+            with a fallback to ``auction-lsa`` if it stops early) or ``"auto"`` (``auction-jv`` when
+            built; else ``emd`` when POT is installed; else ``auction-lsa`` for
+            ``n >= auction_min_size`` and ``lsa`` below).
 
     Returns:
         σ (n,) long on ``C``'s device with ``σ = argmin_σ Σ_j C[σ[j], j]`` over permutations.
@@ -188,8 +194,13 @@ def _assign(C: Tensor, solver: str, auction_min_size: int) -> Tensor:
     """:func:`solve_assignment` on an already checked square, finite ``C`` and a known ``solver``."""
     n = C.shape[0]
     C64 = C.detach().to(torch.float64)
-    if solver == "auto" and n >= 2 and _have_pot():
-        solver = "emd"
+    if solver == "auto" and n >= 2:
+        solver = "auction-jv" if _native.available() else "emd" if _have_pot() else "auto"
+    if solver == "auction-jv":
+        rows, _, _ = _native.assign(C64.cpu().numpy())
+        perm = np.empty(n, dtype=np.int64)
+        perm[rows] = np.arange(n)
+        return torch.from_numpy(perm).to(C.device)
     use_auction = solver == "auction-lsa" or (solver == "auto" and n >= auction_min_size)
     if solver == "emd":
         perm = _emd_permutation(np.ascontiguousarray(C64.cpu().numpy()))
