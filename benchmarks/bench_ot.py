@@ -150,7 +150,7 @@ def main(quick: bool = False) -> None:
             notes.append(f"plan gap {r['plan_gap_rel']:+.1e}")
         if r.get("warnings"):
             notes.append("warns: " + "; ".join(w[:60] for w in r["warnings"]))
-        lines.append(f"| {r['n']} | {r['method']} | {r['ms_median']:.1f} | {r['unique_pairs']:.3f} | "
+        lines.append(f"| {r['n']} | {r['method']} | {r['ms_median']:.{2 if r['ms_median'] < 10 else 1}f} | {r['unique_pairs']:.3f} | "
                      f"{r['gap_rel']:+.1e} | {' '.join(notes)} |")
     lines += ["", "Speed ratios (time of the other / time of steerflow ExactOT; > 1 means ours is faster):", ""]
     for n, e in ratios.items():
