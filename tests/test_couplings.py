@@ -93,13 +93,14 @@ def test_auction_jv_certifies_its_optimum(n):
     a, b = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)) * 0.3 + np.array([2.0, 0.0])
     geometric = ((a[:, None] - b[None]) ** 2).sum(-1)
     cases = {"geometric": geometric, "ties": rng.integers(0, 4, (n, n)).astype(float), "constant": np.ones((n, n)),
-             "negative": -1e6 * geometric, "offset": geometric + 1e9}
+             "negative": -1e6 * geometric, "offset": geometric + 1e9, "outlier": geometric.copy()}
+    cases["outlier"][0, 0] = 1e12  # one forbidding entry: the ε schedule must not scale with it
     for name, C in cases.items():
         best = None
         if n <= 600:  # beyond, scipy's cold solve takes seconds: the certificate alone proves optimality
             r, c = linear_sum_assignment(C)
             best = C[r, c].sum()
-        scale = max(1.0, np.abs(C).max())
+        scale = max(1.0, np.abs(C).max() if name != "outlier" else np.abs(geometric).max())
         for kw in ({}, {"candidates": 0}, {"candidates": 3}, {"eps_start": 0.0}):
             if n > 600 and kw:
                 continue  # the plain Jonker–Volgenant start is quadratic per path: keep the suite quick
