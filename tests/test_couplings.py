@@ -121,6 +121,8 @@ def test_auction_jv_is_the_default_and_rejects_bad_input():
     assert torch.equal(solve_assignment(C, solver="auction-jv"), solve_assignment(C, solver="lsa"))
     with pytest.raises(ValueError, match="square"):
         _native.assign(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _native.assign(np.array([[0.0, np.nan], [1.0, 2.0]]))
 
 
 def test_exact_ot_emd_backend_is_optimal():

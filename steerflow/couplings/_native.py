@@ -66,6 +66,8 @@ def assign(C: np.ndarray, *, candidates: int | None = None, eps_start: float = E
     n = C.shape[0]
     if C.ndim != 2 or C.shape[1] != n:
         raise ValueError(f"C must be a square (n, n) matrix, got {C.shape}")
+    if not np.isfinite(C).all():
+        raise ValueError("the cost matrix holds NaN or inf")
     x = np.empty(n, dtype=np.int64)
     v = np.zeros(n, dtype=np.float64)
     stats = np.zeros(3, dtype=np.int64)
