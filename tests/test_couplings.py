@@ -53,11 +53,14 @@ def test_exact_ot_matches_brute_force(n, cost):
             assert float(direct) == pytest.approx(best, rel=1e-12)
 
 
+needs_native = pytest.mark.skipif(not _native.available(),
+                                  reason="the C extension is not built (no compiler); .ci/run requires it")
+
+
 @pytest.mark.parametrize("solver,n", [("lsa", 300), ("auction-lsa", 40), ("auction-lsa", 300), ("auto", 800),
-                                      ("auction-jv", 40), ("auction-jv", 1100)])
+                                      pytest.param("auction-jv", 40, marks=needs_native),
+                                      pytest.param("auction-jv", 1100, marks=needs_native)])
 def test_exact_ot_optimal_vs_scipy(solver, n):
-    if solver == "auction-jv" and not _native.available():
-        pytest.skip("the C extension is not built (no compiler); .ci/run requires it")
     g = _gen(n)
     for kind in ("gauss", "uniform-cost", "clustered"):
         if kind == "uniform-cost":
@@ -74,10 +77,6 @@ def test_exact_ot_optimal_vs_scipy(solver, n):
         assert _total(C, sigma) == pytest.approx(_lsa_total(C), rel=1e-9)
 
 
-needs_native = pytest.mark.skipif(not _native.available(),
-                                  reason="the C extension is not built (no compiler); .ci/run requires it")
-
-
 def _certified_optimal(C: np.ndarray, x: np.ndarray, v: np.ndarray) -> float:
     """Largest violation of dual feasibility: with u_i = C[i, x_i] − v[x_i] (tight on the matching),
     C_ij − u_i − v_j ≥ 0 everywhere proves the matching optimal (LP duality)."""
@@ -89,8 +88,9 @@ def _certified_optimal(C: np.ndarray, x: np.ndarray, v: np.ndarray) -> float:
 @pytest.mark.parametrize("n", [1, 2, 3, 9, 64, 255, 513, 2049])
 def test_auction_jv_certifies_its_optimum(n):
     """Every solve returns a permutation and column duals that certify optimality, on costs with ties
-    (small integers, constant), opposite signs, a huge offset and geometric 2-D batches; up to n = 600 the
-    total also equals scipy's exact solve; candidate lists and the auction are warm starts only (any setting, same total)."""
+    (small integers, constant), opposite signs, a huge offset, one outlying entry and geometric 2-D batches;
+    up to n = 600 the total also equals scipy's exact solve; candidate lists and the auction are warm starts
+    only (any setting, same total)."""
     rng = np.random.default_rng(n)
     a, b = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)) * 0.3 + np.array([2.0, 0.0])
     geometric = ((a[:, None] - b[None]) ** 2).sum(-1)
@@ -114,11 +114,16 @@ def test_auction_jv_certifies_its_optimum(n):
 
 
 @needs_native
-def test_auction_jv_is_the_default_and_rejects_bad_input():
+def test_auction_jv_is_the_default_and_rejects_bad_input(monkeypatch):
     g = _gen(5)
     x_0, x_1 = torch.randn(300, 2, generator=g, dtype=F64), torch.randn(300, 2, generator=g, dtype=F64) + 1
     C = cost_matrix("sqeuclidean", x_0, x_1)
-    assert torch.equal(ExactOT().indices(x_0, x_1), ExactOT(solver="auction-jv").indices(x_0, x_1))
+    calls = []
+    solve = _native.assign
+    monkeypatch.setattr(_native, "assign", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    assert _is_perm(ExactOT().indices(x_0, x_1), 300)
+    assert calls == [1]  # "auto" took the compiled solver
+    monkeypatch.undo()
     # a continuous problem has a unique optimum: every exact solver returns the same permutation
     assert torch.equal(solve_assignment(C, solver="auction-jv"), solve_assignment(C, solver="lsa"))
     with pytest.raises(ValueError, match="square"):

@@ -275,10 +275,7 @@ int steerflow_assign(const double *C, int64_t n, int64_t *row_to_col, double *v,
     }
     clear_assignment(&s);
     for (int64_t i = 0; i < n; i++) work[i] = i;
-    row_reduction(&s, work, n, 2);
-    int64_t nfree = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (row_to_col[i] < 0) work[nfree++] = i;
+    int64_t nfree = row_reduction(&s, work, n, 2); /* the rows still free are work[0, nfree) */
     for (int64_t k = 0; k < nfree; k++) augment(&s, work[k], d, pred, cols);
     stats[0] = s.bids;
     stats[1] = s.rescans;

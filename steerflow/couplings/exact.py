@@ -197,9 +197,9 @@ def _assign(C: Tensor, solver: str, auction_min_size: int) -> Tensor:
     if solver == "auto" and n >= 2:
         solver = "auction-jv" if _native.available() else "emd" if _have_pot() else "auto"
     if solver == "auction-jv":
-        rows, _, _ = _native.assign(C64.cpu().numpy())
+        col_of_row, _, _ = _native.assign(C64.cpu().numpy(), check_finite=False)  # checked by the caller
         perm = np.empty(n, dtype=np.int64)
-        perm[rows] = np.arange(n)
+        perm[col_of_row] = np.arange(n)
         return torch.from_numpy(perm).to(C.device)
     use_auction = solver == "auction-lsa" or (solver == "auto" and n >= auction_min_size)
     if solver == "emd":
