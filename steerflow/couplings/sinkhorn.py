@@ -71,9 +71,10 @@ def sinkhorn(C: Tensor, *, reg: float = 0.05, a: Tensor | None = None, b: Tensor
     *B, n, m = C.shape
     if normalize_cost:
         scale = C.amax(dim=(-2, -1)).clamp_min(torch.finfo(C.dtype).tiny)
-        C = C / scale[..., None, None]
     else:
         scale = torch.ones(B, dtype=C.dtype, device=C.device)
+    # the Gibbs kernel's log, formed once: every update then adds one potential and reduces (one n × m temporary)
+    log_K = C / (-reg * scale)[..., None, None]
     log_a = _log_marginal(a, (*B, n), C, "a")
     log_b = _log_marginal(b, (*B, m), C, "b")
     f = torch.zeros(*B, n, dtype=C.dtype, device=C.device)
@@ -83,19 +84,18 @@ def sinkhorn(C: Tensor, *, reg: float = 0.05, a: Tensor | None = None, b: Tensor
     err = torch.full(B, math.inf, dtype=C.dtype, device=C.device)
     a_ = log_a.exp()
     for it in range(1, max_iter + 1):
-        f_new = -reg * torch.logsumexp((g[..., None, :] - C) / reg + log_b[..., None, :], dim=-1)
-        g_new = -reg * torch.logsumexp((f_new[..., :, None] - C) / reg + log_a[..., :, None], dim=-2)
+        f_new = -reg * torch.logsumexp(log_K + (g / reg + log_b)[..., None, :], dim=-1)
+        g_new = -reg * torch.logsumexp(log_K + (f_new / reg + log_a)[..., :, None], dim=-2)
         f = torch.where(active[..., None], f_new, f)
         g = torch.where(active[..., None], g_new, g)
         n_iter = n_iter + active.long()
         if it % check_every == 0 or it == max_iter:
-            row = torch.exp((f[..., :, None] + g[..., None, :] - C) / reg + log_a[..., :, None]
-                            + log_b[..., None, :]).sum(-1)
+            row = torch.exp(log_K + (f / reg + log_a)[..., :, None] + (g / reg + log_b)[..., None, :]).sum(-1)
             err = torch.where(active, (row - a_).abs().sum(-1), err)
             active = active & ~(err < tol)
             if not bool(active.any()):
                 break
-    plan = torch.exp((f[..., :, None] + g[..., None, :] - C) / reg + log_a[..., :, None] + log_b[..., None, :])
+    plan = torch.exp(log_K + (f / reg + log_a)[..., :, None] + (g / reg + log_b)[..., None, :])
     return SinkhornResult(plan=plan, f=f, g=g, n_iter=n_iter, converged=err < tol, marginal_error=err,
                           cost_scale=scale)
 
