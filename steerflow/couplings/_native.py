@@ -40,7 +40,7 @@ def _spread(C: np.ndarray) -> float:
     work to the augmenting paths); 0 when every sampled row is constant, which skips the auction."""
     if C.size == 0:
         return 0.0
-    rows = C[:: max(1, C.shape[0] // 64)]
+    rows = C[np.linspace(0, C.shape[0] - 1, min(C.shape[0], 64)).astype(np.int64)]
     return float(np.median(rows.max(1) - rows.min(1)))
 
 
