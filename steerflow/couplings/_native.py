@@ -34,13 +34,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _spread(C: np.ndarray) -> float:
-    """The ε schedule's unit: the median spread ``max_j C_ij − min_j C_ij`` of up to 64 evenly spaced rows.
+    """The ε schedule's unit: the median spread ``max_j C_ij − min_j C_ij`` of about 64 evenly spaced rows.
 
     Robust to a few outlying entries (the whole matrix's range would make every ε too coarse and leave the
     work to the augmenting paths); 0 when every sampled row is constant, which skips the auction."""
     if C.size == 0:
         return 0.0
-    rows = C[np.linspace(0, C.shape[0] - 1, min(C.shape[0], 64)).astype(np.int64)]
+    rows = C[:: max(1, C.shape[0] // 64)]  # every ⌊n/64⌋-th row: all rows below 128, else 64 to 127 of them
     return float(np.median(rows.max(1) - rows.min(1)))
 
 
