@@ -20,6 +20,10 @@ reference data), where a perfect sampler (a fresh set of true data) is scored ag
 * ``[5000 total] matched[ot-energy-full, student MLP 512×4, memory 2] ← OT-CFM 2500`` — the first student with
   ``distill(match_memory=2)``: every plan's data side is the union of the last two data batches of 256 (plans
   of 512, generated batches of 2 × 512), still 256 fresh data points per step.
+* ``[5000 total] matched[ot-energy-nn, student MLP 512×4] ← OT-CFM 2500`` and ``[…, end-point student 512×4,
+  bounded] …`` — the first two students trained with ``distill(match="ot-energy-nn")``: the same OT term plus the
+  nearest-neighbour energy (``steerflow.straighten.matching.ot_nn_energy_loss``), which pulls points left between
+  the moons onto the data.
 
 ``--only-matched NAME …`` trains only those matched rows (skipping OT-CFM and torchcfm) and merges them into the
 stored per-seed results of that problem.
@@ -56,12 +60,14 @@ from steerflow.metrics import w2  # noqa: E402
 from steerflow.solvers import sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# key: (--student-arch, --student-bounded, --match-memory) of the matched rows
-STUDENTS = {"mlp": ("mlp", False, 1), "endpoint": ("mlp-endpoint", True, 1), "mlp-memory2": ("mlp", False, 2)}
+# key: (--student-arch, --student-bounded, --match-memory, matching loss) of the matched rows
+STUDENTS = {"mlp": ("mlp", False, 1, "ot-energy-full"), "endpoint": ("mlp-endpoint", True, 1, "ot-energy-full"),
+            "mlp-memory2": ("mlp", False, 2, "ot-energy-full"),
+            "mlp-nn": ("mlp", False, 1, "ot-energy-nn"), "endpoint-nn": ("mlp-endpoint", True, 1, "ot-energy-nn")}
 
 
-def matched_name(arch: str, bounded: bool, memory: int) -> str:
-    return f"[5000 total] matched[ot-energy-full{student_tag(arch, 512, 4, bounded, memory)}] ← OT-CFM 2500"
+def matched_name(arch: str, bounded: bool, memory: int, loss: str = "ot-energy-full") -> str:
+    return f"[5000 total] matched[{loss}{student_tag(arch, 512, 4, bounded, memory)}] ← OT-CFM 2500"
 
 
 def draw_seed(seed: int, k: int) -> int:
@@ -91,13 +97,13 @@ def models_for(label: str, src: str, data: str, seed: int, args):
     t0 = time.perf_counter()
     pairs = teacher_pairs(teacher, src, seed, args)
     sec += time.perf_counter() - t0
-    for key, (arch, bounded, memory) in STUDENTS.items():
+    for key, (arch, bounded, memory, loss) in STUDENTS.items():
         if args.only_matched and key not in args.only_matched:
             continue
         t0 = time.perf_counter()
         args.student_arch, args.student_bounded, args.match_memory = arch, bounded, memory
-        student = train_matched(teacher, pairs, data, "ot-energy-full", args.steps - n_t, seed + 5, args)
-        yield matched_name(arch, bounded, memory), student, sec + time.perf_counter() - t0
+        student = train_matched(teacher, pairs, data, loss, args.steps - n_t, seed + 5, args)
+        yield matched_name(arch, bounded, memory, loss), student, sec + time.perf_counter() - t0
 
 
 def run(label: str, src: str, data: str, seed: int, args) -> dict:

@@ -9,6 +9,10 @@ batch 256, 200 at 4096, after 20 warm-up steps; steerflow's run is the whole ``t
 median per-round ratio (steerflow it/s ÷ bare it/s) with a 95 % bootstrap interval (2000 resamples of the
 rounds).
 
+It also counts the ATen operators each loop dispatches per step (a ``TorchDispatchMode`` over 100 steps): a
+deterministic check, independent of the machine's noise, that ``train()`` runs the same kernels as the bare
+loop, so that whatever overhead remains is Python bookkeeping between the kernels.
+
     python benchmarks/bench_overhead.py               # 30 rounds per batch size, about 6 minutes
     python benchmarks/bench_overhead.py --rounds 10
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import bare, steerflow_train  # noqa: E402  (sets one torch thread)
+from bench_train import WARMUP, bare, steerflow_train  # noqa: E402  (sets one torch thread)
 
 OUT = Path(__file__).resolve().parent / "results"
 STEPS = {256: 2000, 4096: 200}
@@ -38,6 +42,29 @@ def bootstrap_median(ratios: np.ndarray, *, resamples: int = 2000, seed: int = 0
     rng = np.random.default_rng(seed)
     meds = np.median(rng.choice(ratios, size=(resamples, ratios.size), replace=True), axis=1)
     return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+
+
+def op_counts(fn, batch: int, steps: int = 100) -> dict[str, float]:
+    """ATen operators dispatched per step by ``fn(batch, steps)``, which runs ``WARMUP + steps`` steps (both loops
+    warm up inside the call): the counts are divided by that, so once-per-call setup and log-step work show as
+    fractions."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket.__name__)] += 1
+            return func(*args, **(kwargs or {}))
+
+    fn(batch, 5)  # warm-up outside the count (lazy initialisation)
+    with Count() as mode:
+        fn(batch, steps)
+    return {k: v / (WARMUP + steps) for k, v in sorted(mode.counts.items())}
 
 
 def main() -> None:
@@ -53,6 +80,7 @@ def main() -> None:
                 runs[str(b)][name].append(fn(b, STEPS[b]))
             if (r + 1) % 10 == 0:
                 print(f"batch {b}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    ops = {b: {"bare": op_counts(bare, int(b)), "steerflow": op_counts(steerflow_train, int(b))} for b in runs}
     summary = {}
     for b, per in runs.items():
         ratios = np.array([s[1] / c[1] for s, c in zip(per["steerflow"], per["bare"])])  # CPU-time it/s
@@ -64,7 +92,7 @@ def main() -> None:
         "" if args.batches == list(STEPS) else " --batches " + " ".join(map(str, args.batches)))
     result = {"command": command, "rounds": args.rounds, "steps": STEPS, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-              "load_average": list(os.getloadavg()), "summary": summary,
+              "load_average": list(os.getloadavg()), "summary": summary, "ops_per_step": ops,
               "runs": {b: {n: [list(v) for v in vals] for n, vals in per.items()} for b, per in runs.items()}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "train_overhead.json").write_text(json.dumps(result, indent=1))
@@ -83,6 +111,16 @@ def main() -> None:
         verdict = ("met (the whole interval is above 0.97)" if lo >= 0.97 else
                    "not met (the whole interval is below 0.97)" if hi < 0.97 else "not resolved (0.97 inside the interval)")
         lines.append(f"\n- batch {b}: overhead ≤ 3 % (ratio ≥ 0.97): {verdict}.")
+    lines += ["", f"ATen operators dispatched per step (one call of each loop, {WARMUP} + 100 steps, counted by a "
+              "`TorchDispatchMode`; once-per-call setup and log-step work appear as fractions). Operators whose "
+              "count differs by at least 0.5 per step:", "",
+              "| batch | bare | steerflow | differing operators (per step) |", "|---:|---:|---:|---|"]
+    for b, o in ops.items():
+        names = sorted(set(o["bare"]) | set(o["steerflow"]))
+        diff = [f"{n} {o['bare'].get(n, 0):.2f} → {o['steerflow'].get(n, 0):.2f}" for n in names
+                if abs(o["bare"].get(n, 0) - o["steerflow"].get(n, 0)) >= 0.5]
+        lines.append(f"| {b} | {sum(o['bare'].values()):.2f} | {sum(o['steerflow'].values()):.2f} | "
+                     f"{'; '.join(diff) or 'none'} |")
     lines += ["", f"Reproduce: `{command}`", ""]
     (OUT / "train_overhead.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -26,9 +26,10 @@ fresh batch ``y`` of ``--batch`` data points per step (``--match-reg`` = w_reg, 
   energy distance only.
 
 ``M`` = ``energy`` (Székely's energy distance), ``ot-energy`` (OT-GAN's minibatch energy distance with the
-exact W2² cost, halves of the generated and the data batch) or ``ot-energy-full`` (the same with two generated
+exact W2² cost, halves of the generated and the data batch), ``ot-energy-full`` (the same with two generated
 batches of ``--batch`` against one whole data batch: each matching step then draws 2 × ``--batch`` source points,
-which cost no data). ``--student-width W [--student-depth D]`` trains a fresh W×D MLP student instead of a copy
+which cost no data) or ``ot-energy-nn`` (that plus a nearest-neighbour energy, ``steerflow.straighten.matching.
+ot_nn_energy_loss``). ``--student-width W [--student-depth D]`` trains a fresh W×D MLP student instead of a copy
 of the teacher (a third of the matching steps regress onto the teacher's pairs first); ``--student-arch
 mlp-endpoint [--student-bounded]`` makes that student a :class:`steerflow.models.EndpointMLP` and
 ``--match-memory K`` compares with the last K data batches (``distill(match_memory=K)``). ``--rows matched``
@@ -396,13 +397,17 @@ def markdown(results: dict) -> str:
                 arch, bounded = e.get("student_arch", "mlp"), e.get("student_bounded", False)
                 memory = e.get("match_memory", 1)
                 full = ""
-                if "ot-energy-full" in e["match_losses"]:
+                if {"ot-energy-full", "ot-energy-nn"} & set(e["match_losses"]):
                     b = e["match_batch"]
                     full = (f" `ot-energy-full` = `steerflow.straighten.matching.full_batch_ot_energy_loss`: each "
                             f"matching step draws {2 * b} generated points (two batches of {b}, `distill(batch_size="
                             f"{2 * b}, match_batch_size={b})`) against one whole data batch of {b}, "
                             f"`W(X_1, Y) + W(X_2, Y) − W(X_1, X_2)`, so every exact plan is between sets of {b} "
                             f"rather than {b // 2}; generated points cost no data, so the data use is unchanged.")
+                    if "ot-energy-nn" in e["match_losses"]:
+                        full += (" `ot-energy-nn` = `steerflow.straighten.matching.ot_nn_energy_loss`: the same plus "
+                                 "the nearest-neighbour energy `½ Σ_k [h(X_k, Y) − h(X_k, sg X_other)]`, `h(A, B)` = "
+                                 "mean over `a ∈ A` of the squared distance to the nearest `b ∈ B` (weight 1).")
                 what = (f"a fresh MLP ({w} wide, {d} hidden layers, SiLU, sinusoidal time embedding)"
                         if arch == "mlp" else
                         "a fresh end-point MLP (`steerflow.models.EndpointMLP`: one Euler step from t = 0 is the "
@@ -503,7 +508,7 @@ def main(argv=None) -> int:
                    help="pairs and data points per matching step (default --batch); rows get ', batch B' in the name "
                         "and their settings are kept apart from the main matched protocol")
     p.add_argument("--match-losses", nargs="+", default=["ot-energy", "energy"],
-                   choices=("energy", "ot-energy", "ot-energy-full"))
+                   choices=("energy", "ot-energy", "ot-energy-full", "ot-energy-nn"))
     p.add_argument("--student-width", type=int, default=None,
                    help="instead of a copy of the teacher, a fresh MLP (W×3, sinusoidal time embedding) as the "
                         "one-step student: a third of the matching steps regress onto the teacher's pairs, the "

@@ -107,12 +107,12 @@ def test_distill_with_distribution_matching(capsys, trained, tmp_path):
     assert json.loads((out / "run.json").read_text())["kind"] == "distilled"
     rc, _, err = run_cli(capsys, "sample", "--ckpt", out, "--n", 10, "--out", tmp_path / "m.npy")
     assert rc == 0 and np.load(tmp_path / "m.npy").shape == (10, 2)
-    # ot-energy-full: --batch is the data batch, two generated batches of it per step
-    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "full", "--match", "ot-energy-full",
-                         *common)
-    assert rc == 0, err
-    cfg = json.loads(next((tmp_path / "full").glob("step-*/config.json")).read_text())["training"]
-    assert (cfg["batch_size"], cfg["match_batch_size"], cfg["match"]) == (32, 16, "ot-energy-full")
+    # ot-energy-full / ot-energy-nn: --batch is the data batch, two generated batches of it per step
+    for match in ("ot-energy-full", "ot-energy-nn"):
+        rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / match, "--match", match, *common)
+        assert rc == 0, err
+        cfg = json.loads(next((tmp_path / match).glob("step-*/config.json")).read_text())["training"]
+        assert (cfg["batch_size"], cfg["match_batch_size"], cfg["match"]) == (32, 16, match)
     rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "m2", "--match", "energy",
                          "--data", "digits", *common)
     assert_one_line_error(rc, err, "shape")

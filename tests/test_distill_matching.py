@@ -7,7 +7,9 @@ import torch
 from steerflow.metrics import energy_distance, w2_gaussian
 from steerflow.models import build_model
 from steerflow.straighten import Pairs, distill, one_step
-from steerflow.straighten.matching import energy_distance_loss, get_matching_loss, minibatch_ot_energy_loss
+from steerflow.straighten.matching import (GENERATED_PER_DATA, energy_distance_loss, full_batch_ot_energy_loss,
+                                          get_matching_loss, minibatch_ot_energy_loss,
+                                          nearest_neighbour_energy_loss, ot_nn_energy_loss)
 
 
 
@@ -52,11 +54,69 @@ def test_minibatch_ot_energy_is_unbiased_at_equality_and_positive_otherwise():
         minibatch_ot_energy_loss(torch.randn(3, 2), torch.randn(3, 2))
 
 
-@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full"])
+def test_nearest_neighbour_energy_is_unbiased_at_equality_and_restoring_otherwise():
+    # Same law: h(X_1, X_2) and h(X_1, Y) are equal in law, so E[N] = 0 and the mean gradient w.r.t. a shift μ and a
+    # log-scale of the generated points is 0 (without the stop-gradient on the reference batch the scale gradient
+    # would not vanish: h(sX_1, sX_2) = s² h(X_1, X_2)); shifted by δ, the nearest-data pull dominates and the
+    # mean gradient points along δ (gradient descent moves the points back).
+    g = torch.Generator().manual_seed(11)
+    delta = torch.tensor([0.3, 0.0], dtype=torch.float64)
+
+    def draw(shift):
+        mu = shift.clone().requires_grad_(True)
+        log_s = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        x = log_s.exp() * torch.randn(2 * 64, 2, generator=g, dtype=torch.float64) + mu
+        loss = nearest_neighbour_energy_loss(x, torch.randn(64, 2, generator=g, dtype=torch.float64))
+        loss.backward()
+        return float(loss.detach()), torch.cat([mu.grad, log_s.grad[None]])
+
+    n = 300
+    same = [draw(torch.zeros(2, dtype=torch.float64)) for _ in range(n)]
+    vals = torch.tensor([v for v, _ in same])
+    grads = torch.stack([gr for _, gr in same])
+    assert abs(float(vals.mean())) < 3 * float(vals.std() / n ** 0.5)
+    assert (grads.mean(0).abs() < 3 * grads.std(0) / n ** 0.5).all()
+    shifted = torch.stack([draw(delta)[1] for _ in range(n)]).mean(0)
+    assert float(shifted[0]) > 0.05 and abs(float(shifted[1])) < 0.03
+    # the nn term's weight: 0 is ot-energy-full exactly; bad weights and too few generated points are refused
+    x, y = torch.randn(40, 2, generator=g), torch.randn(20, 2, generator=g)
+    assert float(ot_nn_energy_loss(x, y, nn_weight=0.0)) == float(full_batch_ot_energy_loss(x, y))
+    assert float(ot_nn_energy_loss(x, y, nn_weight=2.0)) == pytest.approx(
+        float(full_batch_ot_energy_loss(x, y) + 2.0 * nearest_neighbour_energy_loss(x, y)), rel=1e-6)
+    with pytest.raises(ValueError, match="nn_weight"):
+        ot_nn_energy_loss(x, y, nn_weight=-1.0)
+    with pytest.raises(ValueError, match="at least 2m generated"):
+        nearest_neighbour_energy_loss(x[:30], y)
+
+
+def test_nearest_neighbour_energy_pulls_a_gap_point_to_the_data():
+    # Data: two clusters at x = ±3; generated: the same clusters plus 10 % of the points spread through the gap
+    # (the second batch's gap points half a spacing from the first's). A gap point's nearest generated neighbour is
+    # a nearby gap point, its nearest data point is in a cluster: the pull wins and moves it towards the nearer
+    # cluster, while points inside the clusters feel far less.
+    g = torch.Generator().manual_seed(12)
+
+    def clusters(n):
+        side = torch.where(torch.rand(n, generator=g) < 0.5, -3.0, 3.0)
+        return torch.stack([side, torch.zeros(n)], 1) + 0.3 * torch.randn(n, 2, generator=g)
+
+    m, k = 200, 20
+    gap = torch.stack([torch.linspace(-1.5, 1.5, k), torch.zeros(k)], 1)
+    gap_2 = gap + torch.tensor([1.5 / (k - 1), 0.0])
+    x = torch.cat([torch.cat([clusters(m - k), gap]), torch.cat([clusters(m - k), gap_2])]).requires_grad_(True)
+    nearest_neighbour_energy_loss(x, clusters(m)).backward()
+    step = -x.grad[m - k:m, 0]  # the descent direction of the first batch's gap points along x
+    left, right = gap[:, 0] < -0.2, gap[:, 0] > 0.2
+    assert (step[left] < 0).all() and (step[right] > 0).all()
+    inside = x.grad[: m - k].norm(dim=1).mean()
+    assert float(x.grad[m - k:m].norm(dim=1).mean()) > 3 * float(inside)
+
+
+@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full", "ot-energy-nn"])
 def test_matching_gradient_moves_a_shifted_gaussian_to_the_target(match):
     # G(z) = s z + μ with z ~ N(0, I), target N(m, I): the discrepancies are minimised only at μ = m, s = 1.
     loss_fn = get_matching_loss(match)
-    n_gen = 256 if match == "ot-energy-full" else 128  # two generated batches per data batch
+    n_gen = 128 * GENERATED_PER_DATA[match]  # ot-energy-full/-nn: two generated batches per data batch
     g = torch.Generator().manual_seed(2)
     m = torch.tensor([2.0, -1.0])
     mu = torch.zeros(2, requires_grad=True)
@@ -79,7 +139,7 @@ def _gaussian_w2_of(x: torch.Tensor, m: torch.Tensor, S: torch.Tensor) -> float:
     return w2_gaussian(x.mean(0), torch.cov(x.T), m.double(), S.double())
 
 
-@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full"])
+@pytest.mark.parametrize("match", ["energy", "ot-energy", "ot-energy-full", "ot-energy-nn"])
 def test_matching_corrects_a_wrong_teacher(match):
     # Teacher pairs come from a WRONG affine map x_1 = μ' + s' x_0; the data are N(μ, s² I). Regression alone
     # copies the teacher (W2 ≈ closed-form teacher error); adding the energy term moves the student to the data.
@@ -97,7 +157,7 @@ def test_matching_corrects_a_wrong_teacher(match):
     common = dict(pairs=pairs, train_steps=250, batch_size=128, lr=3e-3, seed=0)
     plain = distill(model=build_model("mlp-selu", dim=2, width=32), **common)
     matched = distill(model=build_model("mlp-selu", dim=2, width=32), match=match, data=data, match_weight=5.0,
-                      regression_weight=0.1, match_batch_size=64 if match == "ot-energy-full" else None, **common)
+                      regression_weight=0.1, match_batch_size=64 if GENERATED_PER_DATA[match] == 2 else None, **common)
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         w_plain = _gaussian_w2_of(one_step(plain.model, z), mu, s**2 * torch.eye(2))

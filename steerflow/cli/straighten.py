@@ -43,12 +43,13 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default=None,
                    help=f"a pairs file to regress on (e.g. a reflow run's {PAIRS_FILE}); default: new pairs "
                         "(x_0, ODE(x_0)) from the teacher, as Liu et al. distil a k-RF on its own coupling")
-    p.add_argument("--match", choices=("energy", "ot-energy", "ot-energy-full"), default=None,
+    p.add_argument("--match", choices=("energy", "ot-energy", "ot-energy-full", "ot-energy-nn"), default=None,
                    help="add a distribution-matching term against a fresh data batch each step: energy "
                         "(Szekely's energy distance), ot-energy (minibatch energy distance with the exact W2 "
                         "cost, the stronger one on thin 2-D structure) or ot-energy-full (the same with two "
                         "generated batches of --batch against one whole data batch of --batch: larger plans, "
-                        "the same data per step)")
+                        "the same data per step) or ot-energy-nn (ot-energy-full plus a nearest-neighbour term "
+                        "that pulls points left between modes onto the data)")
     p.add_argument("--data", default=None,
                    help="data for --match (a dataset name or file; default: the teacher's training data)")
     p.add_argument("--match-weight", type=C.nonneg_float, default=1.0, help="weight of the matching term")
@@ -140,9 +141,10 @@ def run_distill(args: argparse.Namespace) -> int:
         if shape != event_shape:
             raise CLIError(f"--data {data_name!r} holds points of shape {shape}, but the model expects {event_shape}")
     elif args.data is not None:
-        raise CLIError("--data is used by --match only; add --match energy, ot-energy or ot-energy-full")
+        raise CLIError("--data is used by --match only; add --match energy, ot-energy, ot-energy-full or "
+                       "ot-energy-nn")
     reg = args.regression_weight if args.regression_weight is not None else (0.0 if args.match else 1.0)
-    # --batch is the data batch; ot-energy-full draws GENERATED_PER_DATA (2) generated batches per data batch
+    # --batch is the data batch; ot-energy-full/-nn draw GENERATED_PER_DATA (2) generated batches per data batch
     if args.match_memory > 1 and not args.match:
         raise CLIError("--match-memory is used by --match only; add --match ot-energy-full")
     per_data = GENERATED_PER_DATA[args.match] * args.match_memory if args.match else 1

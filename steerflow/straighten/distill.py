@@ -15,7 +15,9 @@ misses the data by the teacher's own error. With ``match=`` the loss gains a dis
 against real data (the idea of Distribution Matching Distillation, Yin et al. 2024, and of critic-free
 MMD-GANs; the discrepancy ``D²`` is Székely's energy distance, ``match="energy"``, or OT-GAN's minibatch
 energy distance with the exact W₂² cost, ``match="ot-energy"`` (halves of both batches) or ``"ot-energy-full"``
-(two generated batches against one whole data batch: ``batch_size = 2 · match_batch_size``); see :mod:`.matching`):
+(two generated batches against one whole data batch: ``batch_size = 2 · match_batch_size``), or that plus a
+nearest-neighbour energy that pulls points stranded between modes onto the data, ``"ot-energy-nn"``; see
+:mod:`.matching`):
 
     min_θ  w_reg · E || T_θ(x_0) - x_1 ||²  +  λ · D²( {T_θ(x_0^(i))}_i , {y^(j)}_j ),   y^(j) ~ π_1 (data)
 
@@ -124,7 +126,8 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
     data drawn with ``generator`` (``b' = match_batch_size``, default ``b``); ``D²`` is the matching loss
     ``match`` of :mod:`.matching` (``"energy"``: the unbiased squared energy distance, Székely & Rizzo 2013;
     ``"ot-energy"``: OT-GAN's minibatch energy distance with the exact ``W₂²`` cost, Salimans et al. 2018;
-    ``"ot-energy-full"``: the same on whole data batches, which needs ``b >= 2 b'`` generated points).
+    ``"ot-energy-full"``: the same on whole data batches, which needs ``b >= 2 b'`` generated points;
+    ``"ot-energy-nn"``: that plus the nearest-neighbour energy, same batch sizes).
     ``batch_size`` (``b``, optional) is only used to check that requirement up front.
 
     ``match_memory = k > 1`` compares with the union of the last ``k`` data batches instead (``k b'`` points,
@@ -132,7 +135,7 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
     while the data use per step stays ``b'``. Minibatch OT is biased towards the batch size's own optimum
     (a generated point is pulled to the average of the partners random batches give it, which shrinks thin
     structure and shifts mode weights); larger plans shrink that bias. Needs ``match_batch_size`` and
-    ``b >= k b'`` generated points (``2 k b'`` for ``"ot-energy-full"``).
+    ``b >= k b'`` generated points (``2 k b'`` for ``"ot-energy-full"`` and ``"ot-energy-nn"``).
     """
     loss_fn = get_matching_loss(match)
     _check_weight(match_weight, "match_weight")
@@ -201,9 +204,10 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
         model: the student network ``v_θ(x, t)`` (default: a copy of the teacher).
         generator / seed: all randomness.
         match: None (regression only) or a key of :data:`steerflow.straighten.matching.MATCHING_LOSSES`
-            (``"energy"``, ``"ot-energy"`` or ``"ot-energy-full"``; the last compares two generated batches with
-            one data batch and needs ``match_batch_size`` with ``batch_size >= 2 · match_batch_size``: generated
-            points cost no data, and the plans between whole batches blur less, see :mod:`.matching`).
+            (``"energy"``, ``"ot-energy"``, ``"ot-energy-full"`` or ``"ot-energy-nn"``; the last two compare two
+            generated batches with one data batch and need ``match_batch_size`` with ``batch_size >= 2 ·
+            match_batch_size``: generated points cost no data, and the plans between whole batches blur less;
+            ``"ot-energy-nn"`` adds a nearest-neighbour term, see :mod:`.matching`).
         data: the data for the matching term (required with ``match``): a tensor (N, *d), a sampler
             ``(n, generator) -> (n, *d)`` or a dataset with ``.sample(n, generator)``. Each step draws one
             batch of ``match_batch_size`` (default ``batch_size``) points.
