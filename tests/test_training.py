@@ -167,6 +167,7 @@ def test_train_matches_bare_loop_bit_for_bit():
                 seed=7, log_every=7)
     g = torch.Generator().manual_seed(7)  # pairs (x_1, x_0)
     g_t = torch.Generator().manual_seed(_time_seed(7))  # t has a generator of its own
+    # PyTorch's default AdamW on the CPU (the per-parameter loop): train()'s foreach update must match it exactly
     opt = torch.optim.AdamW(m_ref.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for _ in range(30):
