@@ -231,7 +231,7 @@ def nearest_neighbour_energy_loss(x: Tensor, y: Tensor) -> Tensor:
     ``sg`` = no gradient through that set. ``E[N] = 0`` and ``E[∇_θ N] = 0`` when the generated points have the
     data's law (``X_2`` and ``Y`` are then exchangeable); it is a local statistic, blind to how mass is shared
     between distant regions, so it is meant as an addition to a global discrepancy (:func:`ot_nn_energy_loss`),
-    not alone. Costs two ``m × m`` distance matrices.
+    not alone. Costs four ``m × m`` distance matrices.
 
     Args:
         x: (n, *d) generated samples, ``n >= 2m`` (points beyond ``2m`` are unused).
