@@ -31,7 +31,8 @@ stored per-seed results of that problem.
 Per row it reports the mean W2@1 over the ``3 × draws`` sets with its standard error, and the mean paired
 difference to the perfect sampler on the same reference sets (the model's excess over sampling noise).
 
-Run (≈ 18 min per problem on one core; the two problems can run as two processes)::
+Run (≈ 45 min per problem on one core for all rows — the three commands that built the stored results took
+46–48 min per problem in all; the two problems can run as two processes)::
 
     python benchmarks/bench_onestep.py
     python benchmarks/bench_onestep.py --problems 'N(0,I)→moons'

@@ -12,9 +12,9 @@ import numpy as np
 
 # ε-scaling schedule as fractions of the costs' spread, and candidate-list lengths by problem size: tuned on
 # N(0, I) → moons batches of 32 … 4096, both bench_ot.py's Gaussian-noise moons and steerflow.data's moons, whose
-# thin jitter bands made a start at 1e-2 cost 1.5× more (3.3 vs 1.95 ms at 256, 65 vs 37 ms at 1024); 0.1 was as
-# fast or faster on 8 gaussians → moons, checkerboard and 16/64/784-D Gaussian batches too. Any values give the
-# exact optimum
+# thin jitter bands made a start at 1e-2 cost 1.5× more (3.3 vs 1.95 ms at 256, 65 vs 37 ms at 1024, a one-off
+# sweep of 0.01 / 0.03 / 0.1 / 0.3); 0.1 was as fast or faster on 8 gaussians → moons, checkerboard and
+# 16/64/784-D Gaussian batches too (bench_ot.py times the result on both moons). Any values give the exact optimum
 EPS_START, EPS_END, THETA = 1e-1, 1e-6, 10.0
 
 

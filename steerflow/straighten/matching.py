@@ -142,6 +142,30 @@ def _batch_ot(a: Tensor, b: Tensor) -> Tensor:
     return c[sigma, torch.arange(c.shape[1], device=c.device)].mean()
 
 
+def _ot_energy(x_1: Tensor, x_2: Tensor, y: Tensor) -> Tensor:
+    return _batch_ot(x_1, y) + _batch_ot(x_2, y) - _batch_ot(x_1, x_2)
+
+
+def _nn_energy(x_1: Tensor, x_2: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (_nearest_sq(x_1, y) - _nearest_sq(x_1, x_2.detach())
+                  + _nearest_sq(x_2, y) - _nearest_sq(x_2, x_1.detach()))
+
+
+def _two_batches(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` split into two generated batches of ``m = len(y)`` (checked), and ``y``; all flattened."""
+    x, y = _flat_pair(x, y)
+    m = y.shape[0]
+    if m < 2 or x.shape[0] < 2 * m:
+        raise ValueError(f"{name} needs m >= 2 data points and at least 2m generated ones, got {x.shape[0]} "
+                         f"generated and {m} data points")
+    return x[:m], x[m:2 * m], y
+
+
+def _nearest_sq(a: Tensor, b: Tensor) -> Tensor:
+    """``h(a, b) = mean_i min_j |a_i - b_j|²``."""
+    return _sq_dists(a, b).min(dim=1).values.mean()
+
+
 def minibatch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
     """Minibatch OT energy distance (OT-GAN, Salimans et al. 2018) with the exact ``W₂²`` cost.
 
@@ -194,30 +218,6 @@ def full_batch_ot_energy_loss(x: Tensor, y: Tensor) -> Tensor:
         A scalar tensor.
     """
     return _ot_energy(*_two_batches(x, y, "full_batch_ot_energy_loss"))
-
-
-def _ot_energy(x_1: Tensor, x_2: Tensor, y: Tensor) -> Tensor:
-    return _batch_ot(x_1, y) + _batch_ot(x_2, y) - _batch_ot(x_1, x_2)
-
-
-def _nn_energy(x_1: Tensor, x_2: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (_nearest_sq(x_1, y) - _nearest_sq(x_1, x_2.detach())
-                  + _nearest_sq(x_2, y) - _nearest_sq(x_2, x_1.detach()))
-
-
-def _two_batches(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` split into two generated batches of ``m = len(y)`` (checked), and ``y``; all flattened."""
-    x, y = _flat_pair(x, y)
-    m = y.shape[0]
-    if m < 2 or x.shape[0] < 2 * m:
-        raise ValueError(f"{name} needs m >= 2 data points and at least 2m generated ones, got {x.shape[0]} "
-                         f"generated and {m} data points")
-    return x[:m], x[m:2 * m], y
-
-
-def _nearest_sq(a: Tensor, b: Tensor) -> Tensor:
-    """``h(a, b) = mean_i min_j |a_i - b_j|²``."""
-    return _sq_dists(a, b).min(dim=1).values.mean()
 
 
 def nearest_neighbour_energy_loss(x: Tensor, y: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 Per step the loop needs ``x_1 ~ data``, ``x_0 ~ source`` and, with a coupling, the re-paired batch
 ``(x_0, x_1) ← coupling(x_0, x_1)``. Exact minibatch OT is a large part of a small model's step (≈ 2 ms
-for the compiled solver, 4.3 ms for POT's network simplex, against ≈ 1 ms of forward/backward at batch 256 on
+for the compiled solver, ≈ 4 ms for POT's network simplex, against ≈ 1 ms of forward/backward at batch 256 on
 one CPU core), and both solvers release the GIL, so ``workers > 0`` couples the next ``workers`` batches in
 background threads while the current step trains.
 
