@@ -252,7 +252,7 @@ def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, a
         steps -= warm
     return distill(teacher, pairs=pairs, model=model, train_steps=steps, batch_size=gen * mb, lr=args.match_lr,
                    seed=seed, match=loss, data=source_of(data), match_weight=1.0, match_batch_size=mb,
-                   match_memory=args.match_memory,
+                   match_memory=args.match_memory, sliced_weight=getattr(args, "match_sliced", 0.0),
                    regression_weight=args.match_reg if regression_weight is None else regression_weight).model
 
 

@@ -118,6 +118,14 @@ def test_distill_with_distribution_matching(capsys, trained, tmp_path):
     assert_one_line_error(rc, err, "shape")
     rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "m3", "--data", "moons", *common)
     assert_one_line_error(rc, err, "--match")
+    # --sliced-weight: recorded with its memory; without --match it is a one-line error
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "sliced", "--match", "ot-energy-nn",
+                         "--sliced-weight", 0.5, "--sliced-memory", 3, *common)
+    assert rc == 0, err
+    cfg = json.loads(next((tmp_path / "sliced").glob("step-*/config.json")).read_text())["training"]
+    assert (cfg["sliced_weight"], cfg["sliced_memory"], cfg["match"]) == (0.5, 3, "ot-energy-nn")
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--out", tmp_path / "m4", "--sliced-weight", 1, *common)
+    assert_one_line_error(rc, err, "--sliced-weight")
 
 
 def test_distill_into_a_fresh_end_point_student(capsys, trained, tmp_path):

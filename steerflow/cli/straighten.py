@@ -67,6 +67,12 @@ def configure_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--match-memory", type=C.positive_int, default=1,
                    help="with --match: compare with the union of the last K data batches (K x larger plans, less "
                         "minibatch bias; still --batch fresh data points per step)")
+    p.add_argument("--sliced-weight", type=C.nonneg_float, default=0.0,
+                   help="with --match: add this weight times the sliced W2^2 against the last --sliced-memory data "
+                        "batches (sorts along random directions: sees how densely thin structures are covered; "
+                        "no extra data)")
+    p.add_argument("--sliced-memory", type=C.positive_int, default=16,
+                   help="with --sliced-weight: how many recent data batches the sliced term compares with")
     p.add_argument("--warm-steps", type=C.nonneg_int, default=0,
                    help="with --match: the first N of --steps regress onto the teacher's pairs alone (a warm "
                         "start for a fresh student), the rest use the --match loss")
@@ -149,6 +155,8 @@ def run_distill(args: argparse.Namespace) -> int:
         raise CLIError("--match-memory is used by --match only; add --match ot-energy-full")
     per_data = GENERATED_PER_DATA[args.match] * args.match_memory if args.match else 1
     batch, match_batch = per_data * args.batch, (args.batch if args.match else None)
+    if args.sliced_weight and not args.match:
+        raise CLIError("--sliced-weight is used by --match only; add --match ot-energy-nn")
     if args.warm_steps and not args.match:
         raise CLIError("--warm-steps splits --steps into regression and matching: add --match")
     if args.warm_steps >= args.steps:
@@ -168,7 +176,8 @@ def run_distill(args: argparse.Namespace) -> int:
                       method=args.pair_method, train_steps=args.steps - args.warm_steps, batch_size=batch, lr=args.lr,
                       seed=args.seed + (1 if args.warm_steps else 0), progress=not args.quiet, match=args.match,
                       data=data, match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch,
-                      match_memory=args.match_memory, model=student)
+                      match_memory=args.match_memory, sliced_weight=args.sliced_weight,
+                      sliced_memory=args.sliced_memory, model=student)
     except ValueError as e:
         raise CLIError(str(e)) from None
     out = Path(args.out)
@@ -181,6 +190,7 @@ def run_distill(args: argparse.Namespace) -> int:
                         "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
                         "seed": args.seed, "match": args.match, "match_weight": args.match_weight,
                         "regression_weight": reg, "match_memory": args.match_memory, "student": args.student,
+                        "sliced_weight": args.sliced_weight, "sliced_memory": args.sliced_memory,
                         "warm_steps": args.warm_steps,
                         **({} if args.student == "copy" else
                            {"student_width": args.student_width, "student_depth": args.student_depth,

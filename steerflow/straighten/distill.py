@@ -21,7 +21,10 @@ nearest-neighbour energy that pulls points stranded between modes onto the data,
 
     min_θ  w_reg · E || T_θ(x_0) - x_1 ||²  +  λ · D²( {T_θ(x_0^(i))}_i , {y^(j)}_j ),   y^(j) ~ π_1 (data)
 
-on each minibatch of pairs (the same forward pass ``T_θ(x_0)`` serves both terms). ``w_reg = 0`` trains on
+on each minibatch of pairs (the same forward pass ``T_θ(x_0)`` serves both terms). ``sliced_weight=μ`` adds
+``μ · S(T_θ(x_0), Y_s)``, the sliced ``W₂²`` against the union ``Y_s`` of the last ``sliced_memory`` data
+batches (sorts along random directions: cheap against many points, and sensitive to how densely each part of a
+thin structure is covered, which plans between a few hundred points are not). ``w_reg = 0`` trains on
 the matching term alone (the student still starts from the teacher's weights, or from ``model=``, e.g. a
 student already distilled by regression). When the teacher itself misses the data (a small network after a
 short training), its pairs pull the student towards the teacher's errors, and ``w_reg = 0`` does best.
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._fit import FitResult, check_fit_args, fit_pairs
-from .matching import GENERATED_PER_DATA, get_matching_loss
+from .matching import GENERATED_PER_DATA, get_matching_loss, sliced_w2_loss
 from .reflow import Pairs, _model_device_dtype, as_source, generate_pairs
 
 __all__ = ["DistillResult", "OneStep", "one_step", "one_step_loss", "matched_one_step_loss", "as_data_sampler",
@@ -119,7 +122,8 @@ def as_data_sampler(data: Any) -> DataSampler:
 
 def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, regression_weight: float = 1.0,
                           match_batch_size: int | None = None, batch_size: int | None = None,
-                          match_memory: int = 1) -> Callable[..., Tensor]:
+                          match_memory: int = 1, sliced_weight: float = 0.0, sliced_memory: int = 16,
+                          sliced_projections: int = 64) -> Callable[..., Tensor]:
     """The loss ``w_reg · || T_θ(x_0) - x_1 ||² + λ · D²(T_θ(x_0), y)`` as ``loss(model, x_0, x_1, generator)``.
 
     ``T_θ(x_0) = x_0 + v_θ(x_0, 0)`` (b, *d) on the minibatch of pairs; ``y`` (b', *d) is a fresh batch of
@@ -136,6 +140,14 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
     (a generated point is pulled to the average of the partners random batches give it, which shrinks thin
     structure and shifts mode weights); larger plans shrink that bias. Needs ``match_batch_size`` and
     ``b >= k b'`` generated points (``2 k b'`` for ``"ot-energy-full"`` and ``"ot-energy-nn"``).
+
+    ``sliced_weight = μ > 0`` adds ``μ · S(T_θ(x_0), Y_s)``, the sliced ``W₂²`` of
+    :func:`~steerflow.straighten.matching.sliced_w2_loss` (``sliced_projections`` random directions per step,
+    drawn with ``generator``) against ``Y_s``, the union of the last ``sliced_memory`` data batches — the batches
+    the matching term draws anyway, so no extra data is used; during the first steps ``Y_s`` holds the batches
+    drawn so far. One-dimensional sorts are cheap, so this term compares with ``sliced_memory · b'`` data
+    points, and it sees the low-frequency density errors (how densely each part of a thin structure is covered)
+    that plans between batches of a few hundred points leave inside their noise.
     """
     loss_fn = get_matching_loss(match)
     _check_weight(match_weight, "match_weight")
@@ -143,8 +155,9 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
     if match_batch_size is not None and (not isinstance(match_batch_size, int) or isinstance(match_batch_size, bool)
                                          or match_batch_size < 2):
         raise ValueError(f"match_batch_size must be an integer >= 2 or None, got {match_batch_size!r}")
-    if match_weight == 0 and regression_weight == 0:
-        raise ValueError("match_weight and regression_weight are both 0: nothing to minimise")
+    _check_weight(sliced_weight, "sliced_weight")
+    if match_weight == 0 and regression_weight == 0 and sliced_weight == 0:
+        raise ValueError("match_weight, regression_weight and sliced_weight are all 0: nothing to minimise")
     if not isinstance(match_memory, int) or isinstance(match_memory, bool) or match_memory < 1:
         raise ValueError(f"match_memory must be an integer >= 1, got {match_memory!r}")
     if match_memory > 1 and match_batch_size is None:
@@ -157,19 +170,27 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
         raise ValueError(f"match={match!r} with match_memory={match_memory} needs batch_size >= {per} * "
                          f"match_batch_size generated points per data batch, got batch_size={batch_size} and "
                          f"match_batch_size={match_batch_size}")
+    for key, val in (("sliced_memory", sliced_memory), ("sliced_projections", sliced_projections)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {val!r}")
     if data is None:
         raise ValueError(f"data must be given with match={match!r} (a tensor (N, *d), a sampler (n, generator) "
                          "or a dataset with .sample); got None")
     draw = as_data_sampler(data)
-    recent: list[Tensor] = []  # the last match_memory data batches
+    keep = max(match_memory, sliced_memory if sliced_weight > 0 else 1)
+    recent: list[Tensor] = []  # the last `keep` data batches, newest last
 
     def loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.Generator) -> Tensor:
         x_hat = one_step(model, x_0)
         n = match_batch_size or x_0.shape[0]
         recent.extend(draw(n, generator) for _ in range(match_memory if not recent else 1))
-        del recent[:-match_memory]
-        y = (recent[0] if match_memory == 1 else torch.cat(recent)).to(device=x_hat.device, dtype=x_hat.dtype)
-        total = match_weight * loss_fn(x_hat, y)
+        del recent[:-keep]
+        y = (recent[-1] if match_memory == 1 else torch.cat(recent[-match_memory:]))
+        total = match_weight * loss_fn(x_hat, y.to(device=x_hat.device, dtype=x_hat.dtype))
+        if sliced_weight > 0:
+            y_s = torch.cat(recent[-sliced_memory:]).to(device=x_hat.device, dtype=x_hat.dtype)
+            total = total + sliced_weight * sliced_w2_loss(x_hat, y_s, n_projections=sliced_projections,
+                                                           generator=generator)
         if regression_weight > 0:
             total = total + regression_weight * ((x_hat - x_1) ** 2).mean()
         return total
@@ -188,7 +209,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
             seed: int | None = None, cosine: bool = True, progress: bool = False, match: str | None = None,
             data: Any = None, match_weight: float = 1.0, regression_weight: float = 1.0,
-            match_batch_size: int | None = None, match_memory: int = 1) -> DistillResult:
+            match_batch_size: int | None = None, match_memory: int = 1, sliced_weight: float = 0.0,
+            sliced_memory: int = 16, sliced_projections: int = 64) -> DistillResult:
     """Distil a flow into a one-step generator by L2 regression on its ODE pairs (plus, optionally, matching).
 
     Loss per minibatch of pairs: ``w_reg · || T_θ(x_0) - x_1 ||²`` (Liu et al. 2022, §2.3), plus, with
@@ -213,6 +235,9 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             batch of ``match_batch_size`` (default ``batch_size``) points.
         match_memory: compare with the union of the last ``match_memory`` data batches (larger plans, the same
             fresh data per step; see :func:`matched_one_step_loss`).
+        sliced_weight, sliced_memory, sliced_projections: with ``match``, add ``sliced_weight ·`` the sliced
+            ``W₂²`` against the union of the last ``sliced_memory`` data batches (see
+            :func:`matched_one_step_loss`; 0, the default, leaves it out).
         match_weight: ``λ >= 0``; regression_weight: ``w_reg >= 0`` (0 with ``match``: matching alone,
             e.g. to fine-tune a student already distilled by regression, passed as ``model``; without
             ``pairs`` only ``x_0`` is drawn from ``source`` — no teacher ODE is solved — and the returned
@@ -227,6 +252,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             raise ValueError("data= is only used with match=; pass match='energy' or drop data")
         if match_memory != 1:
             raise ValueError("match_memory is only used with match=; pass match='ot-energy-full' or drop it")
+        if sliced_weight != 0:
+            raise ValueError("sliced_weight is only used with match=; pass match='ot-energy-nn' or drop it")
         _check_weight(regression_weight, "regression_weight")
         if regression_weight == 0:
             raise ValueError("regression_weight=0 without match= leaves nothing to minimise")
@@ -235,7 +262,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
     else:
         loss_fn = matched_one_step_loss(match, data, match_weight=match_weight, regression_weight=regression_weight,
                                         match_batch_size=match_batch_size, batch_size=batch_size,
-                                        match_memory=match_memory)
+                                        match_memory=match_memory, sliced_weight=sliced_weight,
+                                        sliced_memory=sliced_memory, sliced_projections=sliced_projections)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     if pairs is None:
