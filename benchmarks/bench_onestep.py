@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -62,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import (PROBLEMS, TARGETS, eval_sets, student_tag, target_verdict, teacher_pairs,  # noqa: E402
-                           train_matched, train_ours, train_torchcfm)
+                           train_matched, train_ours, train_torchcfm, write_results)
 
 from steerflow.metrics import w2  # noqa: E402
 from steerflow.solvers import sample  # noqa: E402
@@ -231,14 +230,7 @@ def pool(paths: list[str], out: Path) -> int:
     for acc in pooled.values():
         acc["protocol"]["seeds"] = [s["seed"] for s in acc["per_seed"]]
         acc["summary"] = summarise(acc["per_seed"])
-    results = {"problems": pooled}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
-    md = markdown(results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results({"problems": pooled}, out, markdown)
     return 0
 
 
@@ -286,16 +278,10 @@ def main(argv=None) -> int:
             commands = old.get("commands", [old.get("command")]) + commands
         problems[label] = {"protocol": {"seeds": args.seeds, "draws": args.draws}, "per_seed": per_seed,
                            "summary": summarise(per_seed), "commands": commands, "seconds": seconds}
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.is_file() else {"problems": {}}  # other problems are kept
     results["problems"].update(problems)
     results["problems"] = {lb: results["problems"][lb] for lb in PROBLEMS if lb in results["problems"]}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
-    md = markdown(results)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(results, out, markdown)
     return 0
 
 

@@ -610,6 +610,13 @@ def main(argv=None) -> int:
         results["matched_command"] = cmds
         results["matched_seconds"] = times
         results["matched_total_s"] = sum(times.values())
+    write_results(results, out, markdown)
+    print(f"reproduce: {command}")
+    return 0
+
+
+def write_results(results: dict, out: Path, markdown) -> None:
+    """``out.json`` (atomically: a temporary file, then a rename) and ``out.md`` = ``markdown(results)``, printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1))
@@ -617,8 +624,6 @@ def main(argv=None) -> int:
     md = markdown(results)
     out.with_suffix(".md").write_text(md)
     print(md)
-    print(f"reproduce: {command}")
-    return 0
 
 
 if __name__ == "__main__":
