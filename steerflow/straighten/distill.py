@@ -185,7 +185,7 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
         n = match_batch_size or x_0.shape[0]
         recent.extend(draw(n, generator) for _ in range(match_memory if not recent else 1))
         del recent[:-keep]
-        y = (recent[-1] if match_memory == 1 else torch.cat(recent[-match_memory:]))
+        y = recent[-1] if match_memory == 1 else torch.cat(recent[-match_memory:])
         total = match_weight * loss_fn(x_hat, y.to(device=x_hat.device, dtype=x_hat.dtype))
         if sliced_weight > 0:
             y_s = torch.cat(recent[-sliced_memory:]).to(device=x_hat.device, dtype=x_hat.dtype)
