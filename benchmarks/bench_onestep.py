@@ -69,7 +69,8 @@ from steerflow.solvers import sample  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 class Student(NamedTuple):
     """A matched row: the student (``--student-arch``, ``--student-bounded``), ``distill``'s ``match_memory``,
-    matching loss and ``sliced_weight``, and the teacher's OT-CFM steps (the student gets the rest of 5000)."""
+    matching loss, ``sliced_weight`` and ``sliced_memory``, and the teacher's OT-CFM steps (the student gets the
+    rest of 5000)."""
 
     arch: str
     bounded: bool
@@ -77,6 +78,7 @@ class Student(NamedTuple):
     loss: str
     teacher: int = 2500
     sliced: float = 0.0
+    sliced_memory: int = 16
 
 
 STUDENTS = {"mlp": Student("mlp", False, 1, "ot-energy-full"),
@@ -88,7 +90,7 @@ STUDENTS = {"mlp": Student("mlp", False, 1, "ot-energy-full"),
 
 
 def matched_name(st: Student) -> str:
-    sliced = f", sliced {st.sliced:g} × 16 batches" if st.sliced else ""
+    sliced = f", sliced {st.sliced:g} × {st.sliced_memory} batches" if st.sliced else ""
     return (f"[5000 total] matched[{st.loss}{student_tag(st.arch, 512, 4, st.bounded, st.memory)}{sliced}] "
             f"← OT-CFM {st.teacher}")
 
@@ -125,9 +127,9 @@ def models_for(label: str, src: str, data: str, seed: int, args):
             teachers[st.teacher] = teacher, teacher_pairs(teacher, src, seed, args), sec + time.perf_counter() - t0
         teacher, pairs, sec = teachers[st.teacher]
         t0 = time.perf_counter()
-        args.student_arch, args.student_bounded, args.match_memory, args.match_sliced = (st.arch, st.bounded,
-                                                                                         st.memory, st.sliced)
-        student = train_matched(teacher, pairs, data, st.loss, args.steps - st.teacher, seed + 5, args)
+        args.student_arch, args.student_bounded, args.match_memory = st.arch, st.bounded, st.memory
+        student = train_matched(teacher, pairs, data, st.loss, args.steps - st.teacher, seed + 5, args,
+                                sliced_weight=st.sliced, sliced_memory=st.sliced_memory)
         yield matched_name(st), student, sec + time.perf_counter() - t0
 
 
@@ -153,10 +155,12 @@ def summarise(per_seed: list[dict]) -> dict:
         have = [s for s in per_seed if name in s["rows"]]
         stored = np.array([s["rows"][name]["stored_set"] for s in have])
         vals = np.concatenate([s["rows"][name]["draws"] for s in have])
-        excess = np.concatenate([np.array(s["rows"][name]["draws"]) - np.array(s["perfect_draws"]) for s in have])
+        per_seed_excess = [np.array(s["rows"][name]["draws"]) - np.array(s["perfect_draws"]) for s in have]
+        excess = np.concatenate(per_seed_excess)
         out["rows"][name] = {"stored_sets": {"mean": float(stored.mean()),
                                              "std": float(stored.std(ddof=1)) if stored.size > 1 else 0.0},
                              "draws": _mse(vals), "excess": _mse(excess), "seeds": [s["seed"] for s in have],
+                             "excess_per_seed": [float(e.mean()) for e in per_seed_excess],
                              # each trained model counted once: the spread between training seeds
                              "seed_level": _mse(np.array([np.mean(s["rows"][name]["draws"]) for s in have]))}
     return out
@@ -187,8 +191,8 @@ def markdown(results: dict) -> str:
                   f"excess per seed ({', '.join(map(str, pr['seeds']))}) |",
                   "|---|---:|---:|---:|---|"]
         for name, r in s["rows"].items():
-            per = [f"{np.mean(np.subtract(sd['rows'][name]['draws'], sd['perfect_draws'])):+.3f}"
-                   if name in sd["rows"] else "—" for sd in res["per_seed"]]
+            by_seed = dict(zip(r["seeds"], r["excess_per_seed"]))
+            per = [f"{by_seed[seed]:+.3f}" if seed in by_seed else "—" for seed in pr["seeds"]]
             lines.append(f"| {name} | {r['stored_sets']['mean']:.3f} ± {r['stored_sets']['std']:.3f} | "
                          f"{r['draws']['mean']:.3f} ± {r['draws']['se']:.3f} | "
                          f"{r['excess']['mean']:+.3f} ± {r['excess']['se']:.3f} | {' / '.join(per)} |")
@@ -199,7 +203,7 @@ def markdown(results: dict) -> str:
             if name not in s["rows"]:
                 continue
             v, se = s["rows"][name]["draws"]["mean"], s["rows"][name]["draws"]["se"]
-            sl = s["rows"][name].get("seed_level") or summarise(res["per_seed"])["rows"][name]["seed_level"]
+            sl = s["rows"][name]["seed_level"]
             lines.append(f"- `{name}`: target W2@1 ≤ {TARGETS[label]:.2f} on the {n} draws: {v:.3f} ± {se:.3f} → "
                          f"{target_verdict(v, se, TARGETS[label])}; counting each of the {sl['n']} trained models "
                          f"once (± over training seeds): {sl['mean']:.3f} ± {sl['se']:.3f} → "

@@ -234,12 +234,13 @@ def student_tag(arch: str, width: int, depth: int, bounded: bool, memory: int = 
 
 
 def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, args, model=None,
-                  regression_weight=None) -> torch.nn.Module:
+                  regression_weight=None, sliced_weight: float = 0.0, sliced_memory: int = 16) -> torch.nn.Module:
     """One distribution-matched one-step student (the ``matched[M]`` rows): ``steps`` optimiser steps in all.
 
     The student is ``model``, else a fresh ``--student-width`` × ``--student-depth`` MLP (a third of the steps
     regress onto the teacher's ``pairs`` first), else a copy of the teacher; then :func:`distill` with
-    ``match=loss`` against fresh batches of ``args.match_batch or args.batch`` data points per step.
+    ``match=loss`` against fresh batches of ``args.match_batch or args.batch`` data points per step (plus
+    ``distill``'s sliced term when ``sliced_weight > 0``).
     """
     mb = args.match_batch or args.batch  # data points per matching step
     gen = GENERATED_PER_DATA.get(loss, 1) * args.match_memory
@@ -252,7 +253,7 @@ def train_matched(teacher, pairs, data: str, loss: str, steps: int, seed: int, a
         steps -= warm
     return distill(teacher, pairs=pairs, model=model, train_steps=steps, batch_size=gen * mb, lr=args.match_lr,
                    seed=seed, match=loss, data=source_of(data), match_weight=1.0, match_batch_size=mb,
-                   match_memory=args.match_memory, sliced_weight=getattr(args, "match_sliced", 0.0),
+                   match_memory=args.match_memory, sliced_weight=sliced_weight, sliced_memory=sliced_memory,
                    regression_weight=args.match_reg if regression_weight is None else regression_weight).model
 
 
