@@ -53,3 +53,29 @@ def test_pool_refuses_repeated_seeds_and_mixed_protocols(tmp_path):
     proc = _pool(str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "y"))
     assert proc.returncode != 0 and "3 draws per seed" in proc.stderr
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_pooled_table_gives_a_row_from_fewer_seeds_its_own_counts(tmp_path):
+    """A row trained only in some of the pooled runs is judged on its own seeds' draws and references."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_onestep
+
+    partial = bench_onestep.matched_name(bench_onestep.STUDENTS["endpoint-nn"])
+    for name, seeds, perfect, rows in (("a", [0, 1], 0.20, (ROW, partial)), ("b", [5], 0.30, (ROW,))):
+        per_seed = [{"seed": s, "perfect_draws": [perfect + 0.01 * k for k in range(4)],
+                     "rows": {r: {"stored_set": 0.3, "draws": [perfect + 0.01 * k + 0.02 for k in range(4)],
+                                  "train_s": 1.0} for r in rows}} for s in seeds]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"problems": {LABEL: {
+            "protocol": {"seeds": seeds, "draws": 4}, "per_seed": per_seed, "summary": {}, "commands": ["cmd"],
+            "seconds": 1.0}}}))
+    proc = _pool(str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "pooled"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "pooled.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {partial} |"))
+    assert "(2 seeds)" in line and "(8) |" in line and line.endswith("| +0.020 / +0.020 / — |")
+    full = next(ln for ln in md.splitlines() if ln.startswith(f"| {ROW} |"))
+    assert "seeds)" not in full and "(12)" not in full
+    verdict = next(ln for ln in md.splitlines() if ln.startswith(f"- `{partial}`"))
+    # judged on its 8 draws (mean 0.235), against the perfect sampler of seeds 0 and 1 only (0.215, not 0.248)
+    assert "on the 8 draws: 0.235" in verdict and "2 trained models" in verdict
+    assert verdict.endswith("a perfect sampler scores 0.215 on the same references.")
