@@ -50,7 +50,7 @@ def test_readme_examples_run(monkeypatch, tmp_path):
     x = steerflow.sample(v, S2.random_base(1000), steps=64, method="rk4", geometry=S2)
     assert float(((x.detach()**2).sum(-1) - 1).abs().max()) < 1e-5
     nll = -manifold_log_likelihood(v, data[:50], S2).mean()
-    _show(float(nll))
+    _show(float(nll.detach()))
     box = Box(0.0, 1.0, dim=2)
     vb = build_model("mlp", dim=2)
     train(vb, torch.rand(500, 2), source=box.random_base, path=ReflectedPath(box), steps=20, batch_size=64, progress=False)
