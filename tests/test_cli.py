@@ -180,6 +180,11 @@ def test_error_paths_are_one_line_with_exit_code_2(capsys, trained, tmp_path):
     assert rc == 2 and "Traceback" not in err  # wrong shapes (64-d digits vs a 2-d model), or digits missing
     rc, _, err = run_cli(capsys, "train", "--steps", 1, "--out", trained, *TINY)
     assert_one_line_error(rc, err, "--resume")  # refuses to overwrite a checkpoint
+    # a misspelt flag: named, and the user is sent to the subcommand's own --help
+    rc, _, err = run_cli(capsys, "distill", "--ckpt", trained, "--sliced-weigth", 1)
+    assert_one_line_error(rc, err, "distill: unrecognized arguments: --sliced-weigth 1", "steerflow distill --help")
+    rc, _, err = run_cli(capsys, "--bogus")
+    assert_one_line_error(rc, err, "--bogus", "'steerflow --help'")
 
     # a corrupt checkpoint: truncated weights
     import shutil

@@ -70,6 +70,17 @@ class _Parser(argparse.ArgumentParser):
         hint = f"steerflow {sub} --help" if sub else "steerflow --help"
         self.exit(EXIT_USAGE, f"steerflow: error: {where}{message} (see '{hint}')\n")
 
+    def parse_args(self, args=None, namespace=None):  # noqa: D401 - argparse API
+        # argparse reports a subcommand's unknown flags from the top-level parser, which would point the user
+        # at 'steerflow --help'; name the subcommand (and its --help) instead
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = getattr(ns, "_command", None)
+            where, hint = (f"{sub}: ", f"steerflow {sub} --help") if sub else ("", "steerflow --help")
+            self.exit(EXIT_USAGE, f"steerflow: error: {where}unrecognized arguments: {' '.join(extras)} "
+                                  f"(see '{hint}')\n")
+        return ns
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show ``(default: X)`` only where there is a meaningful default (not None/False)."""
