@@ -65,21 +65,19 @@ class _Parser(argparse.ArgumentParser):
     """``argparse`` with one-line errors: ``steerflow: error: <sub>: <message> (see --help)``, exit 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        where = f"{sub}: " if sub else ""
-        hint = f"steerflow {sub} --help" if sub else "steerflow --help"
-        self.exit(EXIT_USAGE, f"steerflow: error: {where}{message} (see '{hint}')\n")
+        self._fail(self.prog.split(" ", 1)[1] if " " in self.prog else "", message)
 
-    def parse_args(self, args=None, namespace=None):  # noqa: D401 - argparse API
+    def parse_args(self, args=None, namespace=None):
         # argparse reports a subcommand's unknown flags from the top-level parser, which would point the user
         # at 'steerflow --help'; name the subcommand (and its --help) instead
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
-            sub = getattr(ns, "_command", None)
-            where, hint = (f"{sub}: ", f"steerflow {sub} --help") if sub else ("", "steerflow --help")
-            self.exit(EXIT_USAGE, f"steerflow: error: {where}unrecognized arguments: {' '.join(extras)} "
-                                  f"(see '{hint}')\n")
+            self._fail(getattr(ns, "_command", ""), f"unrecognized arguments: {' '.join(extras)}")
         return ns
+
+    def _fail(self, sub: str, message: str):
+        where, hint = (f"{sub}: ", f"steerflow {sub} --help") if sub else ("", "steerflow --help")
+        self.exit(EXIT_USAGE, f"steerflow: error: {where}{message} (see '{hint}')\n")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
