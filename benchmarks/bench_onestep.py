@@ -43,7 +43,8 @@ Run (≈ 45 min per problem on one core for all rows — the three commands that
 
 writes (merging by problem into) ``benchmarks/results/onestep.{json,md}``. ``--draws 40 --seeds … --out …`` runs
 the finer protocol of ``onestep_draws40`` / ``onestep_heldout*``; ``--pool A.json B.json … --out X`` trains nothing
-and pools stored runs over disjoint seeds into ``X.{json,md}`` (``onestep_pooled``: seeds 0–9, 400 sets).
+and pools stored runs over disjoint seeds into ``X.{json,md}`` (``onestep_pooled``: seeds 0–9, 400 sets;
+``onestep_pooled20``: seeds 0–19, 800 sets).
 """
 from __future__ import annotations
 
