@@ -1,8 +1,10 @@
 """Minibatch OT couplings: speed, uniqueness of pairs and optimality gap.
 
-Source N(0, I) in 2-D against a two-moons-like target (sklearn-style, Gaussian noise 0.05), batch 32 / 128 / 256 /
-1024 / 4096, one torch thread; steerflow's ExactOT and torchcfm are also timed against ``steerflow.data``'s moons
-(torchcfm's scaling, uniform diagonal jitter: the data of the training benchmarks), which is harder for the auction.
+Two sections, both on one torch thread.
+
+``moons``: source N(0, I) in 2-D against a two-moons-like target (sklearn-style, Gaussian noise 0.05), batch 32 / 128 /
+256 / 1024 / 4096; steerflow's ExactOT and torchcfm are also timed against ``steerflow.data``'s moons (torchcfm's
+scaling, uniform diagonal jitter: the data of the training benchmarks), which is harder for the auction.
 Compares steerflow's ExactOT (default ``solver="auto"``: the compiled auction + Jonker–Volgenant solver;
 ``solver="emd"``, POT's network simplex called directly and run to optimality, the default where the C
 extension is not built; and ``solver="auction-lsa"``, the path with neither), scipy's cold exact assignment,
@@ -10,17 +12,30 @@ steerflow's Sinkhorn coupling, and torchcfm 1.0.7's ``OTPlanSampler(method="exac
 network simplex ``ot.emd``) when importable. The optimum is scipy's ``linear_sum_assignment`` on the same
 float64 cost matrix.
 
-    python benchmarks/bench_ot.py            # writes benchmarks/results/ot_coupling.{json,md}
-    python benchmarks/bench_ot.py --quick    # 32 / 256 / 1024 only
+``pot``: ``ExactOT().indices(x_0, x_1)`` (input checks, costs and solve) against POT's ``ot.emd(a, b, M)`` run to
+optimality (``numItermax = max(1e5, 1000 n)``) on a cost matrix ``M`` handed to it ready-made (float64, explicit
+differences): POT's solver alone, a comparison that favours POT. Input classes: N(0, I) → moons at every size from
+2 to 4096; degenerate batches (x_0 = x_1 with its duplicates; integer coordinates on the 8 × 8 grid, with many tied
+costs and duplicated points; all points equal); batches far from the origin (a common offset of 1e8 in 2-D, 1e6 in
+784-D); tiny and huge scales (moons × 1e-8, × 1e8). The two calls alternate in blocks of about 20 ms (or one call)
+so that the shared machine's load falls on both alike; each time is the median over the blocks. The gap is against
+scipy's exact assignment on the explicit-difference costs (n ≤ 1024; above, against POT's optimal plan); "POT
+pipeline gap" is POT's own route, ``ot.emd`` on ``ot.dist`` (the expanded ``|a|² + |b|² − 2 a·b``), whose costs
+cancel far from the origin.
+
+    python benchmarks/bench_ot.py                    # both sections: writes benchmarks/results/ot_coupling.{json,md}
+    python benchmarks/bench_ot.py --quick            # fewer sizes
+    python benchmarks/bench_ot.py --section pot      # one section; the other's stored results are kept
+    python benchmarks/bench_ot.py --section pot --results /tmp/before   # elsewhere (e.g. to time another checkout)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 
@@ -61,8 +76,8 @@ def timed(fn, repeats: int):
     return statistics.median(times) * 1e3, times, out
 
 
-def main(quick: bool = False) -> None:
-    torch.set_num_threads(1)
+def moons_section(quick: bool) -> dict:
+    """The ``moons`` section: every coupling and solver on N(0, I) → moons (see the module docstring)."""
     sizes = [32, 256, 1024] if quick else [32, 128, 256, 1024, 4096]
     repeats = {32: 101, 128: 51, 256: 7, 1024: 5, 4096: 3}
     try:
@@ -150,21 +165,17 @@ def main(quick: bool = False) -> None:
         if cfm_y:
             entry["torchcfm_over_ours_steerflow_moons"] = cfm_y[0]["ms_median"] / ours_y["ms_median"]
         ratios[str(n)] = entry
-    out = {"command": "python benchmarks/bench_ot.py" + (" --quick" if quick else ""), "torch_threads": 1,
-           "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cpus, shared)".strip(),
-           "load_average_at_end": os.getloadavg(), "torchcfm": torchcfm_note, "rows": rows, "speed_ratios": ratios}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "ot_coupling.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    lines = ["# Minibatch OT couplings: N(0, I) → two moons, 2-D, one torch thread", "",
-             f"Reproduce: `{out['command']}`. Machine: {out['machine']}, load average at end "
-             f"{out['load_average_at_end'][0]:.1f} (timings shared with other jobs; compare within a row group).", "",
+    return {"torchcfm": torchcfm_note, "rows": rows, "speed_ratios": ratios}
+
+
+def render_moons(sec: dict) -> list[str]:
+    lines = ["## N(0, I) → two moons, 2-D: every coupling and solver", "",
              "Optimality gap = (cost of the returned pairs) / (exact OT cost by scipy LSA) − 1. Unique pairs = "
              "distinct (x_0, x_1) pairs / batch; a permutation has 1.0. torchcfm's sample_plan re-draws both "
              "x_0 and x_1 from the plan with replacement, so neither batch marginal is kept and its sampled cost "
              "can fall below the OT cost (negative gap); 'plan gap' is its plan's own cost against the optimum.", "",
              "| batch | method | median ms | unique pairs | gap | notes |", "|---:|---|---:|---:|---:|---|"]
-    for r in rows:
+    for r in sec["rows"]:
         notes = []
         if "iterations" in r:
             notes.append(f"{r['iterations']} it, converged={r['converged']}")
@@ -175,14 +186,203 @@ def main(quick: bool = False) -> None:
         lines.append(f"| {r['n']} | {r['method']} | {r['ms_median']:.{2 if r['ms_median'] < 10 else 1}f} | {r['unique_pairs']:.3f} | "
                      f"{r['gap_rel']:+.1e} | {' '.join(notes)} |")
     lines += ["", "Speed ratios (time of the other / time of steerflow ExactOT; > 1 means ours is faster):", ""]
-    for n, e in ratios.items():
+    for n, e in sec["speed_ratios"].items():
         lines.append(f"- batch {n}: " + ", ".join(f"{k} = {v:.2f}" for k, v in e.items()))
-    lines += ["", f"torchcfm: {torchcfm_note}"]
-    with open(os.path.join(RESULTS, "ot_coupling.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(ratios) - 3:]))
-    print(f"wrote {RESULTS}/ot_coupling.json and .md; reproduce with: {out['command']}")
+    lines += ["", f"torchcfm: {sec['torchcfm']}"]
+    return lines
+
+
+# --- ExactOT against POT's network simplex, by input class ------------------------------------------------------
+def _pot_inputs(kind: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch pair of an input class (float32 like training data; float64 where float32 could not hold it)."""
+    if kind == "moons":
+        return torch.randn(n, 2, generator=g), moons(n, g)
+    if kind == "x0 = x1":
+        x = torch.randn(n, 2, generator=g)
+        return x, x.clone()
+    if kind == "integer grid {0..7}²":
+        return (torch.randint(0, 8, (n, 2), generator=g).float(), torch.randint(0, 8, (n, 2), generator=g).float())
+    if kind == "all points equal":
+        return torch.ones(n, 2), torch.ones(n, 2)
+    if kind == "offset 1e8, 2-D":
+        return torch.randn(n, 2, generator=g, dtype=torch.float64) + 1e8, moons(n, g).double() + 1e8
+    if kind == "offset 1e6, 784-D":
+        x_0 = torch.randn(n, 784, generator=g, dtype=torch.float64)
+        return x_0 + 1e6, 0.5 * torch.randn(n, 784, generator=g, dtype=torch.float64) + 0.3 + 1e6
+    if kind.startswith("moons × "):
+        scale = float(kind.split("× ")[1])
+        return torch.randn(n, 2, generator=g, dtype=torch.float64) * scale, moons(n, g).double() * scale
+    raise ValueError(kind)
+
+
+POT_CLASSES = {  # class: (sizes, quick sizes)
+    "moons": ([2, 3, 7, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], [2, 7, 32, 64, 256, 1024]),
+    "x0 = x1": ([7, 64, 256, 1024, 4096], [64, 256]),
+    "integer grid {0..7}²": ([7, 64, 256, 1024, 4096], [64, 256]),
+    "all points equal": ([7, 64, 256, 1024, 4096], [64, 256]),
+    "offset 1e8, 2-D": ([64, 256, 1024], [256]),
+    "offset 1e6, 784-D": ([64, 256], [64]),
+    "moons × 1e-8": ([256, 1024], [256]),
+    "moons × 1e8": ([256, 1024], [256]),
+}
+
+
+def interleaved(fns, block_s: float = 0.02, blocks: int = 9, budget_s: float = 20.0) -> list[list[float]]:
+    """Per-call seconds of each ``fns[k]()``, one figure per block: the functions alternate block by block (the
+    order flipping each round), a block being as many calls as fill ``block_s`` (at least one); ``blocks`` rounds,
+    fewer (at least three) when a round takes more than ``budget_s / blocks``."""
+    calls = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        calls.append(max(1, int(block_s / max(time.perf_counter() - t0, 1e-7))))
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    for r in range(blocks):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for k in order:
+            t0 = time.perf_counter()
+            for _ in range(calls[k]):
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / calls[k])
+        if r >= 2 and time.perf_counter() - start > budget_s * (r + 1) / blocks:
+            break
+    return times
+
+
+def pot_section(quick: bool) -> dict:
+    """The ``pot`` section (see the module docstring)."""
+    import ot
+
+    exact = ExactOT()
+    rows = []
+    for kind, (sizes, quick_sizes) in POT_CLASSES.items():
+        for n in quick_sizes if quick else sizes:
+            g = torch.Generator().manual_seed(n)
+            x_0, x_1 = _pot_inputs(kind, n, g)
+            a, b = (x.double().reshape(n, -1).numpy() for x in (x_0, x_1))
+            # explicit differences (no cancellation), row by row in high dimension to bound memory
+            M = np.stack([((a[i] - b) ** 2).sum(-1) for i in range(n)])
+            # scaled by a power of two (exact) to a largest entry in [0.5, 1): POT's pivoting tolerances are
+            # absolute, and at the scale 1e-8 its simplex stops far from the optimum on the raw costs
+            M_pot = np.ldexp(M, -math.frexp(float(M.max()))[1])
+            w = np.full(n, 1.0 / n)
+            iters = max(100_000, 1000 * n)
+
+            def pot(M_pot=M_pot, w=w, iters=iters):
+                return ot.emd(w, w, M_pot, numItermax=iters)
+
+            def pot_pipeline(a=a, b=b, w=w, iters=iters):
+                return ot.emd(w, w, ot.dist(a, b), numItermax=iters)
+
+            t_ours, t_pot, t_pipe = interleaved([lambda: exact.indices(x_0, x_1), pot, pot_pipeline])
+            sigma = exact.indices(x_0, x_1).numpy()
+            ours_total = float(M[sigma, np.arange(n)].sum())
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                P = pot()
+                pipe_total = float((pot_pipeline() * M).sum()) * n
+            pot_total = float((P * M).sum()) * n
+            if n <= 1024:
+                r, c = linear_sum_assignment(M)
+                best, ref = float(M[r, c].sum()), "scipy"
+            else:
+                best, ref = pot_total, "POT"
+
+            def gap(total, best=best):
+                return total / best - 1.0 if best > 0 else total
+
+            row = {"class": kind, "n": n, "ours_ms": statistics.median(t_ours) * 1e3,
+                   "pot_ms": statistics.median(t_pot) * 1e3, "pot_pipeline_ms": statistics.median(t_pipe) * 1e3,
+                   "ours_ms_blocks": [t * 1e3 for t in t_ours], "pot_ms_blocks": [t * 1e3 for t in t_pot],
+                   "pot_pipeline_ms_blocks": [t * 1e3 for t in t_pipe], "blocks": len(t_ours), "reference": ref,
+                   "ours_gap": gap(ours_total), "pot_gap": gap(pot_total), "pot_pipeline_gap": gap(pipe_total),
+                   "pot_warnings": sorted({str(m.message)[:80] for m in caught})}
+            row["pot_over_ours"] = row["pot_ms"] / row["ours_ms"]
+            row["pot_pipeline_over_ours"] = row["pot_pipeline_ms"] / row["ours_ms"]
+            rows.append(row)
+            print(f"{kind:22s} n={n:5d} ours {row['ours_ms']:10.3f} ms  POT emd {row['pot_ms']:10.3f} ms "
+                  f"({row['pot_over_ours']:5.2f}x)  POT dist+emd {row['pot_pipeline_ms']:10.3f} ms "
+                  f"({row['pot_pipeline_over_ours']:5.2f}x)  gap ours {row['ours_gap']:+.1e} POT {row['pot_gap']:+.1e} "
+                  f"POT pipeline {row['pot_pipeline_gap']:+.1e}", flush=True)
+    return {"pot_version": ot.__version__, "rows": rows}
+
+
+def render_pot(sec: dict) -> list[str]:
+    rows = sec["rows"]
+    low_dim = [r for r in rows if "784" not in r["class"]]
+    optimal_route = [r for r in rows if r["pot_pipeline_gap"] <= 1e-9]
+    lines = ["## ExactOT against POT's network simplex, by input class", "",
+             f"`ExactOT().indices(x_0, x_1)` (checks, costs and solve) against POT {sec['pot_version']}'s "
+             "`ot.emd(a, b, M, numItermax=max(1e5, 1000 n))` on a ready-made float64 cost matrix (its solver alone; "
+             "`M` from explicit differences, scaled by a power of two to a largest entry below 1) and against POT's "
+             "own route `ot.emd(a, b, ot.dist(x_0, x_1))` (costs by the expanded form, which cancel far from the "
+             "origin). Median per-call time over alternating blocks; a ratio > 1 means ExactOT is faster. Gaps are "
+             "relative to the exact optimum on explicit-difference costs (scipy; above 1024 points POT's optimal "
+             "plan); with a zero optimum the absolute excess is shown.", "",
+             f"Slowest ratio to POT's solver alone: **{min(r['pot_over_ours'] for r in low_dim):.2f}** over the "
+             f"2-D rows, {min(r['pot_over_ours'] for r in rows):.2f} over all rows (in 784-D forming the 64 × 64 "
+             "costs, which POT is handed, takes longer than POT's solve); slowest ratio to POT's route where that "
+             f"route is optimal: **{min(r['pot_pipeline_over_ours'] for r in optimal_route):.2f}** (far from the origin and at the scale 1e-8 it stops at plans 1.2–4× costlier than the optimum).", "",
+             "| inputs | batch | ExactOT ms | POT emd ms (ratio) | POT dist+emd ms (ratio) | ExactOT gap | POT gap | "
+             "POT route gap |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        warn = " (POT warns: " + "; ".join(r["pot_warnings"]) + ")" if r["pot_warnings"] else ""
+        lines.append(f"| {r['class']} | {r['n']} | {_ms(r['ours_ms'])} | {_ms(r['pot_ms'])} ({r['pot_over_ours']:.2f}) "
+                     "| "
+                     f"{_ms(r['pot_pipeline_ms'])} ({r['pot_pipeline_over_ours']:.2f}) | {r['ours_gap']:+.1e} | "
+                     f"{r['pot_gap']:+.1e} | {r['pot_pipeline_gap']:+.1e}{warn} |")
+    return lines
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
+SECTIONS = {"moons": (moons_section, render_moons), "pot": (pot_section, render_pot)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--section", choices=["all", *SECTIONS], default="all")
+    parser.add_argument("--results", default=RESULTS, help="folder for ot_coupling.{json,md}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    path = os.path.join(args.results, "ot_coupling.json")
+    out = {}
+    if args.section != "all" and os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
+        if "sections" not in out:  # results written before the sections existed: they hold the moons section
+            keep = ("torchcfm", "rows", "speed_ratios", "command", "machine", "load_average_at_end")
+            out = {"sections": {"moons": {k: out[k] for k in keep if k in out}}}
+    out.setdefault("sections", {})
+    command = "python benchmarks/bench_ot.py" + (" --quick" if args.quick else "") + (
+        f" --section {args.section}" if args.section != "all" else "")
+    for name, (run, _) in SECTIONS.items():
+        if args.section in ("all", name):
+            out["sections"][name] = run(args.quick) | {
+                "command": command, "load_average_at_end": os.getloadavg(),
+                "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cpus, shared)".strip()}
+    out["torch_threads"] = 1
+    os.makedirs(args.results, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    lines = ["# Minibatch OT couplings, one torch thread", ""]
+    for name, (_, render) in SECTIONS.items():
+        sec = out["sections"].get(name)
+        if sec is None:
+            continue
+        body = render(sec)
+        lines += body[:1] + ["", f"Reproduce: `{sec.get('command', 'python benchmarks/bench_ot.py')}`. Machine: "
+                                 f"{sec.get('machine', '?')}, load average at end "
+                                 f"{sec.get('load_average_at_end', [float('nan')])[0]:.1f} (timings shared with other "
+                                 "jobs; compare within a row group)."] + body[1:] + [""]
+    with open(os.path.join(args.results, "ot_coupling.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {args.results}/ot_coupling.json and .md")
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv[1:])
+    main()

@@ -69,6 +69,9 @@ def sinkhorn(C: Tensor, *, reg: float = 0.05, a: Tensor | None = None, b: Tensor
     if not (isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     *B, n, m = C.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"C must have at least one row and one column (the marginals are probability vectors), "
+                         f"got shape {tuple(C.shape)}")
     if normalize_cost:
         scale = C.amax(dim=(-2, -1)).clamp_min(torch.finfo(C.dtype).tiny)
     else:
@@ -152,6 +155,9 @@ class Sinkhorn(AbstractIndexCoupling):
         if x_0.shape[:batch_dims] != x_1.shape[:batch_dims] or x_0.shape[batch_dims + 1:] != x_1.shape[batch_dims + 1:]:
             raise ValueError(f"x_0 and x_1 must share batch dims and sample shape, got {tuple(x_0.shape)} and "
                              f"{tuple(x_1.shape)} with batch_dims={batch_dims}")
+        if x_0.numel() == 0 or x_1.numel() == 0:
+            raise ValueError(f"x_0 and x_1 must hold at least one sample with at least one value each; got the empty "
+                             f"batches of shapes {tuple(x_0.shape)} and {tuple(x_1.shape)}")
         for name, x in (("x_0", x_0), ("x_1", x_1)):
             if x.ndim < batch_dims + 2:
                 raise ValueError(f"{name} must have shape (*B, n, *d) with {batch_dims} batch dims, got {tuple(x.shape)}")
