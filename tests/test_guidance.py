@@ -147,3 +147,39 @@ def test_mask_measurement_on_vectors_and_registry():
     assert _residual(x) < 0.5 * _residual(_run(None))
     assert set(GUIDANCES) >= {"exact", "flowchef", "dps", "lookahead", "dflow", "dreamguider", "enkg", "dds", "otode",
                               "pnpflow", "default"}
+
+
+ROT = Dense(torch.tensor([[0.6, 0.8]], dtype=D))  # rank-deficient and not axis-aligned: Aᵀ A is singular
+
+
+def test_dds_at_its_defaults_on_a_rank_deficient_operator_converges():
+    """γ = 0: the proximal step is the projection of x̂_1 onto {A x = y}; the last step lands on it."""
+    x = _run(DDS(ROT, Y, SIGMA), n=256, steps=30)
+    assert float(x.abs().max()) < 10  # was ~1e82: CG with tol = 0 stepped along rounding noise
+    torch.testing.assert_close(x @ ROT.A.T, Y.expand(256, 1), rtol=0, atol=1e-10)
+
+
+def test_dds_step_is_the_projection_then_the_renoising():
+    """One DDS velocity against its closed form: x̂_1' = x̂_1 + a (y − aᵀx̂_1) (‖a‖ = 1), then the jump to
+    (t + dt) x̂_1' + (1 − t − dt) x̂_0 over dt."""
+    a = ROT.A[0]
+    x = torch.randn(32, 2, generator=_gen(5), dtype=D)
+    t, dt = 0.4, 0.1
+    v = MIX.velocity(x, torch.full((32,), t, dtype=D))
+    x1, x0 = x + (1 - t) * v, x - t * v
+    x1p = x1 + (Y - x1 @ a)[:, None] * a
+    want = ((t + dt) * x1p + (1 - t - dt) * x0 - x) / dt
+    got = DDS(ROT, Y, SIGMA).velocity(MIX.velocity, x, torch.full((32,), t, dtype=D), torch.tensor(dt, dtype=D))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: PnPFlow(A, Y, SIGMA, step_size=100.0), r"PnPFlow\(step_size=100\.0"),
+    (lambda: FlowChef(A, Y, SIGMA, step_size=50.0), r"FlowChef\(step_size=50\.0"),
+    (lambda: EnKG(A, Y, SIGMA, scale=100.0), r"EnKG\(scale=100\.0"),
+    (lambda: OTODE(A, Y, SIGMA, scale=1000.0), r"OTODE\(scale=1000\.0"),
+], ids=["pnpflow", "flowchef", "enkg", "otode"])
+def test_a_diverging_guided_solve_stops_naming_the_method_and_its_step(make, name):
+    """Too large a step makes the state grow by orders of magnitude (finite, so the loop's NaN check misses it)."""
+    with pytest.raises(FloatingPointError, match=name + r".*diverged: the state reached max \|x\|"):
+        _run(make(), n=64)

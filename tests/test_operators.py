@@ -131,3 +131,41 @@ def test_gaussian_noise_is_seeded_and_its_log_likelihood_is_normal():
         GaussianNoise(-1.0)
     with pytest.raises(ValueError, match="std = 0"):
         GaussianNoise(0.0).log_likelihood(y, y0)
+
+
+def test_conjugate_gradient_refuses_a_zero_tolerance():
+    with pytest.raises(ValueError, match="tol must be a positive relative residual"):
+        conjugate_gradient(lambda z: z, torch.ones(1, 2, dtype=D), tol=0.0)
+
+
+def test_conjugate_gradient_on_a_singular_system_stops_at_the_projection():
+    """M = a aᵀ (rank 1, not axis-aligned) with b = a y in its range, started at x_0 and run far past
+    convergence (tol 1e-300): the answer is x_0's projection onto {aᵀx = y}, not a step along rounding noise."""
+    a = torch.tensor([0.6, 0.8], dtype=D)
+    M = torch.outer(a, a)
+    x0 = torch.randn(64, 2, generator=_gen(11), dtype=D)
+    y = torch.randn(64, generator=_gen(12), dtype=D)
+    x = conjugate_gradient(lambda z: z @ M, y[:, None] * a, x0, n_iter=50, tol=1e-300)
+    torch.testing.assert_close(x, x0 + (y - x0 @ a)[:, None] * a, rtol=0, atol=1e-12)
+
+
+def test_dense_from_a_float32_matrix_solves_in_the_input_precision():
+    A32 = torch.randn(5, 12, generator=_gen(13)).float()
+    M = A32.double()
+    b = torch.randn(3, 5, generator=_gen(14), dtype=D)
+    want = torch.linalg.solve(0.7 * M @ M.T + 0.09 * torch.eye(5, dtype=D), b.T).T
+    torch.testing.assert_close(Dense(A32).solve_normal(0.7, 0.09, b), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma2", [1e-4, 1e-6])
+def test_blur_solve_normal_converges_at_its_defaults(sigma2):
+    """126 unknowns, condition numbers 5e3 and 5e5: CG runs to its relative tolerance, not to 100 iterations."""
+    shape = (2, 7, 9)
+    op = Blur.gaussian(5, 1.2, shape)
+    M = op.matrix(shape)
+    b = torch.randn(3, M.shape[0], generator=_gen(4), dtype=D)
+    want = torch.linalg.solve(0.7 * M @ M.T + sigma2 * torch.eye(M.shape[0], dtype=D), b.T).T
+    got = op.solve_normal(0.7, sigma2, b.reshape(3, *shape)).reshape(3, -1)
+    assert float((got - want).norm() / want.norm()) < 1e-9
+    got32 = op.solve_normal(0.7, sigma2, b.float().reshape(3, *shape)).reshape(3, -1)
+    assert float((got32.double() - want).norm() / want.norm()) < 1e-3

@@ -120,3 +120,47 @@ def get_path(name: str | AffinePath) -> AffinePath:
     if name not in PATHS:
         raise ValueError(f"unknown path {name!r}; expected one of {sorted(PATHS)}")
     return PATHS[name]()
+
+
+class PathVelocity:
+    """A linear-path velocity field seen on another affine path; it carries that path as ``.path``.
+
+    An affine path is the linear one rescaled and run on another clock: ``x_t = α x_1 + σ x_0 = c x^lin_s`` with
+    ``c = α + σ`` and ``s = α / (α + σ)`` (Kingma et al. 2021, VDM, §4; Lipman et al. 2023, §4.1). Hence
+
+        v(x, t) = (ċ / c) x + c ṡ v_lin(x / c, s),   ċ = α̇ + σ̇,   ṡ = (α̇ σ − α σ̇) / c²,
+
+    which is exact for an exact ``v_lin`` (e.g. :meth:`GaussianMixture.velocity`): the oracle of a model trained
+    on ``path``. ``v_lin(x, t)`` with ``t`` (b,); the result takes ``(x, t)`` the same way.
+    """
+
+    def __init__(self, v_linear, path: AffinePath | str) -> None:
+        if not callable(v_linear):
+            raise TypeError(f"v_linear must be a velocity field v(x, t), got {type(v_linear).__name__}")
+        self.v_linear, self.path = v_linear, get_path(path)
+
+    def __repr__(self) -> str:
+        return f"PathVelocity({self.path!r})"
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        c = self.path.coefficients(t, x)
+        k = c.alpha_t + c.sigma_t
+        s = (c.alpha_t / k).reshape(-1)
+        d_s = (c.d_alpha_t * c.sigma_t - c.alpha_t * c.d_sigma_t) / k**2
+        return (c.d_alpha_t + c.d_sigma_t) / k * x + k * d_s * self.v_linear(x / k, s)
+
+
+def path_from_record(record) -> AffinePath | None:
+    """The affine path a training run recorded (``config["training"]["path"]`` of a checkpoint): a name
+    (``"cosine"``) or the repr ``train`` writes (``"LinearPath()"``, ``"AffinePath('vp')"``); ``None`` for
+    anything else (a geodesic path, no record), which a caller treats as "unknown", not as linear."""
+    if isinstance(record, AffinePath):
+        return record
+    if not isinstance(record, str):
+        return None
+    text = record.strip()
+    if text == "LinearPath()":
+        return LinearPath()
+    if text.startswith("AffinePath(") and text.endswith(")"):
+        text = text[len("AffinePath("):-1].strip().strip("'\"")
+    return get_path(text) if text in PATHS else None

@@ -8,7 +8,7 @@ from .cfg import CLASSIFIER_INPUTS, ClassifierFreeGuidance, ClassifierGuidance
 from .guidance import (DDS, DPS, GUIDANCES, OTODE, DFlow, Dreamguider, EnKG, ExactPosteriorGuidance, FlowChef,
                        Lookahead, Measurement, PnPFlow, SteerflowDefault, get_guidance, measurement)
 from .inversion import ControlledEditing, ControlledInversion, RectifiedSDE, edit, invert
-from .operators import (OPERATORS, AbstractLinearOperator, AbstractOperator, AvgPool, Blur, Dense, GaussianNoise,
+from .operators import (OPERATORS, AbstractLinearOperator, AbstractOperator, AvgPool, Blur, Colorize, Dense, GaussianNoise,
                         Identity, Mask, NonLinear, conjugate_gradient, get_operator, operator_norm)
 
 __all__ = ["AbstractGuidance", "Compose", "CLASSIFIER_INPUTS", "ClassifierFreeGuidance", "ClassifierGuidance",
@@ -16,4 +16,4 @@ __all__ = ["AbstractGuidance", "Compose", "CLASSIFIER_INPUTS", "ClassifierFreeGu
            "FlowChef", "Lookahead", "Measurement", "PnPFlow", "SteerflowDefault", "get_guidance", "measurement",
            "ControlledEditing", "ControlledInversion", "RectifiedSDE", "edit", "invert", "OPERATORS",
            "AbstractLinearOperator", "AbstractOperator", "AvgPool", "Blur", "Dense", "GaussianNoise", "Identity",
-           "Mask", "NonLinear", "conjugate_gradient", "get_operator", "operator_norm"]
+           "Mask", "NonLinear", "Colorize", "conjugate_gradient", "get_operator", "operator_norm"]

@@ -12,25 +12,105 @@ grid interval ``[t, t + dt]``:
 
 ``v`` is the counted base field ``v(x, t)`` with ``t`` of shape ``(b,)``; ``cost`` is the
 :class:`~steerflow.metrics.cost.Cost` of the solve, where methods add their VJPs and operator calls.
+
+Before integrating, the loop calls ``g.check(v, solver=solver)`` once: a method refuses there a solver or a
+model path its formulas do not hold for. The path is the one the model was trained with: ``v.model.path`` when
+the model carries one (an :class:`~steerflow.paths.AffinePath` or its name), else the guidance's ``path=``
+argument, else the linear path.
+
+A guided solve that leaves a sane range stops: ``after_step`` (of this base, or called by an override through
+:meth:`AbstractGuidance._check_state`) raises one ``FloatingPointError`` naming the method and its step settings
+when the state is non-finite or has grown ``max_growth`` times beyond its starting scale (the start state, the
+first data prediction and the measurement, at least 1, the scale of the standard-normal source).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..metrics.cost import Cost
+from ..paths.affine import AffinePath, LinearPath, get_path
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
+_LINEAR = LinearPath()
+
+
+def _is_adaptive(solver: Any) -> bool:
+    """An adaptive solver (dopri5) hands the hooks the whole grid interval as ``dt``, not its own steps."""
+    if isinstance(solver, str):
+        return solver == "dopri5"
+    return solver is not None and hasattr(solver, "integrate") and not hasattr(solver, "step")
+
+
+def carried_path(v: Any) -> AffinePath | None:
+    """The path a velocity model records as ``model.path`` (behind the sampler's counted field), if any."""
+    model = getattr(v, "model", v)
+    path = getattr(model, "path", None)
+    if path is None:
+        return None
+    if isinstance(path, str):
+        return get_path(path)
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"the model's path is {path!r}; steering reads x̂_1 from an affine path "
+                        "x_t = alpha_t x_1 + sigma_t x_0 with a Gaussian source (steerflow.paths.AffinePath)")
+    return path
+
+
+def same_path(a: AffinePath, b: AffinePath) -> bool:
+    """Whether two affine paths have the same schedule (type and parameters)."""
+    sa, sb = a.schedule, b.schedule
+    return type(sa) is type(sb) and getattr(sa, "__dict__", {}) == getattr(sb, "__dict__", {})
+
+
+def resolve_path(path: AffinePath | None, v: Any, *, who: str, carried: AffinePath | None = None) -> AffinePath:
+    """The path a guidance reads x̂_1 from: the model's (``carried_path(v)``, else ``carried``, the one seen at the
+    start of the solve), else ``path``, else linear; a ``path`` that differs from the model's is an error."""
+    model_path = carried_path(v)
+    if model_path is None:
+        model_path = carried
+    if path is None:
+        return model_path if model_path is not None else _LINEAR
+    if model_path is not None and not same_path(model_path, path):
+        raise ValueError(f"{who} was given path={path!r} but the model was trained with {model_path!r}; "
+                         "x̂_1 and x̂_0 must be read from the model's own path")
+    return path
+
+
+def check_path(path: Any) -> AffinePath | None:
+    """Validate a guidance's ``path=``: ``None``, a name (``"linear"``, ``"cosine"``, ...) or an affine path."""
+    if path is None or isinstance(path, AffinePath):
+        return path
+    if isinstance(path, str):
+        return get_path(path)
+    raise TypeError(f"path must be an affine path (steerflow.paths.AffinePath) or its name, got {path!r}: "
+                    "steering reads x̂_1 and x̂_0 from x_t = alpha_t x_1 + sigma_t x_0 with a Gaussian source")
+
 
 class AbstractGuidance(ABC):
-    """Base of all steering methods; every hook defaults to "no change"."""
+    """Base of all steering methods; every hook defaults to "no change" (and the range check)."""
+
+    #: "update, then step" methods whose velocity is ``v + (x' − x) / dt`` need ``dt`` to be the solver's step
+    fixed_step_only: bool = False
+    #: a solve is stopped when ``max |x|`` exceeds this factor times its starting scale
+    max_growth: float = 1e3
+
+    def check(self, v: Field | None = None, *, solver: Any = None) -> None:
+        """Refuse, before integrating, a solver this method is not valid for (``sample`` calls it once)."""
+        if self.fixed_step_only and _is_adaptive(solver):
+            name = type(self).__name__
+            raise ValueError(f"{name} moves the state and then takes the solver's step (v' = v + (x' − x) / dt), "
+                             f"so it needs a fixed-step solver (euler, midpoint, heun, rk4); an adaptive solver "
+                             f"({getattr(solver, 'name', solver)}) passes the whole grid interval as dt and "
+                             f"{name}'s update would change meaning. Use method='euler' with more steps")
 
     def initial(self, v: Field, x: Tensor, ts: Tensor, *, generator: torch.Generator | None = None,
                 cost: Cost | None = None) -> Tensor:
+        self._watch(x)
         return x
 
     def velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *, generator: torch.Generator | None = None,
@@ -39,7 +119,45 @@ class AbstractGuidance(ABC):
 
     def after_step(self, v: Field, x: Tensor, t_next: Tensor, *, t: Tensor,
                    generator: torch.Generator | None = None, cost: Cost | None = None) -> Tensor:
+        self._check_state(x, t_next, t=t)
         return x
+
+    # --- the range check ----------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The settings that set the size of this method's moves (named in a divergence error)."""
+        return {}
+
+    def _watch(self, x: Tensor, *scales: float) -> None:
+        """Start a solve: its scale is ``max(1, max |x|, scales)`` (1: the standard-normal source)."""
+        s = float(x.detach().abs().max()) if x.numel() else 0.0
+        self._scale = max([1.0, s if math.isfinite(s) else 1.0, *scales])
+
+    def _note_scale(self, s: float | Tensor) -> None:
+        """Widen the scale of the solve by a data prediction or a measurement (e.g. ``max |x̂_1|`` at the start)."""
+        s = float(s.detach().abs().max()) if torch.is_tensor(s) else abs(float(s))
+        if math.isfinite(s):
+            self._scale = max(getattr(self, "_scale", 1.0), s)
+
+    def _check_state(self, x: Tensor, t_next: Tensor, *, t: Tensor | None = None) -> None:
+        """Stop with one error naming the method and its step settings if ``x`` is non-finite or exploded."""
+        if x.numel() == 0:
+            return
+        scale = getattr(self, "_scale", None)
+        if scale is None:
+            self._watch(x)
+            scale = self._scale
+        top = float(x.detach().abs().max())
+        if math.isfinite(top) and top <= self.max_growth * scale:
+            return
+        step = ("" if t is None else f"{float(t.reshape(-1)[0]):.4g} → ") + f"{float(t_next.reshape(-1)[0]):.4g}"
+        kv = ", ".join(f"{k}={val!r}" for k, val in self.settings().items())
+        if not math.isfinite(top):
+            what = f"the state became non-finite in the step t = {step}"
+        else:
+            what = (f"the state reached max |x| = {top:.3g} in the step t = {step}, over {self.max_growth:g} × the "
+                    f"scale of the solve ({scale:.3g}: start state, first data prediction, measurement)")
+        raise FloatingPointError(f"{type(self).__name__}({kv}) diverged: {what}. Its step is too large for this "
+                                 "problem: lower it or take more grid steps")
 
 
 class Compose(AbstractGuidance):
@@ -63,3 +181,8 @@ class Compose(AbstractGuidance):
         for g in self.guidances:
             x = g.after_step(v, x, t_next, t=t, generator=generator, cost=cost)
         return x
+
+    def check(self, v=None, *, solver=None):
+        for g in self.guidances:
+            if hasattr(g, "check"):
+                g.check(v, solver=solver)

@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..paths import AffinePath, LinearPath
+from ..paths import AffinePath
 from ..solvers import CountedField
-from .base import AbstractGuidance, Field
+from .base import AbstractGuidance, Field, carried_path, check_path, resolve_path
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "CLASSIFIER_INPUTS"]
 
@@ -58,10 +58,13 @@ class ClassifierFreeGuidance(AbstractGuidance):
     Args:
         scale: guidance weight ``w`` (``w = 1``: the conditional field; ``w = 0``: the unconditional one;
             ``w > 1``: sharper, less diverse samples).
-        cond: the condition ``c`` with a leading batch dimension (b, ...), e.g. integer labels (b,).
+        cond: the condition ``c`` with a leading batch dimension (b, ...), e.g. integer labels (b,), or any
+            object the model takes as its third argument (a pipeline's :class:`~steerflow.adapters.PromptEmbeds`).
         null_cond: the null condition ``∅`` of the same shape. ``None``: the model's null class when it has
             a label table (steerflow models: index ``n_classes``), one batched call on ``[x, x]``;
-            otherwise two calls, ``model(x, t, cond)`` and ``model(x, t)``.
+            otherwise two calls, ``model(x, t, cond)`` and ``model(x, t)``. Tensor conditions are batched into
+            one call; other conditions (prompt embeddings) take two calls, ``model(x, t, cond)`` and
+            ``model(x, t, null_cond)``.
 
     Use as ``sample(model, x_0, guidance=ClassifierFreeGuidance(w, labels))`` — no ``cond=`` in ``sample``.
     NFE: the doubled batch counts as 2 evaluations.
@@ -85,11 +88,11 @@ class ClassifierFreeGuidance(AbstractGuidance):
         if torch.is_tensor(cond) and cond.shape[0] != x.shape[0]:
             raise ValueError(f"cond has batch {cond.shape[0]} but the state has batch {x.shape[0]}")
         null = self.null_cond if self.null_cond is not None else _null_like(_model(v), cond)
-        if null is not None:  # one batched call on [x, x] counts as two evaluations
+        if torch.is_tensor(null) and torch.is_tensor(cond):  # one batched call on [x, x] counts as two evaluations
             out = _call(v, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), nfe=2)
             v_cond, v_null = out.chunk(2)
-        else:
-            v_cond, v_null = _call(v, x, t, cond, nfe=1), _call(v, x, t, None, nfe=1)
+        else:  # conditions that do not stack (e.g. a pipeline's prompt embeddings): two calls
+            v_cond, v_null = _call(v, x, t, cond, nfe=1), _call(v, x, t, null, nfe=1)
         if v_cond.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(v_cond.shape)} for input {tuple(x.shape)}")
         return v_null + self.scale * (v_cond - v_null)
@@ -109,7 +112,7 @@ class ClassifierGuidance(AbstractGuidance):
         target: integer class labels (b,) or a single int.
         scale: ``s`` (``s = 1`` with the exact posterior: the class-conditional flow).
         on: ``"x_t"`` or ``"x1_hat"``.
-        path: the path the velocity belongs to (default linear).
+        path: the path the velocity belongs to (default: the model's ``path`` when it carries one, else linear).
         t_min: ``b_t`` diverges at ``t = 0`` while ``∇ log p(c | x_t) = O(t)`` (the exact product has a
             finite limit); the guidance term (classifier time and ``b_t``) is evaluated at
             ``max(t, t_min)``, an ``O(t_min)`` error on the first step only.
@@ -118,7 +121,7 @@ class ClassifierGuidance(AbstractGuidance):
     """
 
     def __init__(self, classifier: Callable[..., Tensor], target: Tensor | int, scale: float = 1.0, *,
-                 on: str = "x_t", path: AffinePath | None = None, t_min: float = 1e-2) -> None:
+                 on: str = "x_t", path: AffinePath | str | None = None, t_min: float = 1e-2) -> None:
         if not callable(classifier):
             raise TypeError(f"classifier must be callable, got {type(classifier).__name__}")
         if on not in CLASSIFIER_INPUTS:
@@ -134,7 +137,7 @@ class ClassifierGuidance(AbstractGuidance):
         elif isinstance(target, bool) or not isinstance(target, int):
             raise TypeError(f"target must be an int or an integer tensor (b,), got {type(target).__name__}")
         self.classifier, self.target, self.scale, self.on = classifier, target, float(scale), on
-        self.path = path if path is not None else LinearPath()
+        self.path = check_path(path)
         self.t_min = float(t_min)
 
     def __repr__(self) -> str:
@@ -147,16 +150,33 @@ class ClassifierGuidance(AbstractGuidance):
             return self.target.to(device=x.device, dtype=torch.long)
         return torch.full((x.shape[0],), self.target, dtype=torch.long, device=x.device)
 
-    def _score_factor(self, t: Tensor, x: Tensor) -> Tensor:
+    def settings(self):
+        return {"scale": self.scale}
+
+    def initial(self, v, x, ts, *, generator=None, cost=None):
+        self._carried = carried_path(v)  # the model's path, seen on the sampler's base field
+        self._path_for(v)
+        return super().initial(v, x, ts, generator=generator, cost=cost)
+
+    def check(self, v=None, *, solver=None):
+        super().check(v, solver=solver)
+        if v is not None:
+            self._path_for(v)
+
+    def _path_for(self, v: Field) -> AffinePath:
+        return resolve_path(self.path, v, who="ClassifierGuidance", carried=getattr(self, "_carried", None))
+
+    def _score_factor(self, t: Tensor, x: Tensor, path: AffinePath) -> Tensor:
         """``b_t`` (b, 1, ..): the change of velocity per unit of score at ``t`` clipped to ``t_min``."""
         tc = t.clamp_min(self.t_min)
-        c = self.path.coefficients(tc, x)
+        c = path.coefficients(tc, x)
         # v = d_alpha (x - sigma x0)/alpha + d_sigma x0 with x0 = -sigma score
         #   ⇒ ∂v/∂score = sigma (d_alpha sigma / alpha - d_sigma)
         return c.sigma_t * (c.d_alpha_t * c.sigma_t / c.alpha_t - c.d_sigma_t)
 
     def velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *, generator=None, cost=None) -> Tensor:
         labels = self._labels(x)
+        path = self._path_for(v)
         if self.on == "x_t":
             v_t = v(x, t)
         with torch.enable_grad():
@@ -165,12 +185,12 @@ class ClassifierGuidance(AbstractGuidance):
                 logits = self.classifier(x_in, t.clamp_min(self.t_min))
             else:
                 v_t = v(x_in, t)
-                logits = self.classifier(self.path.x1_from_velocity(v_t, x_in, t))
+                logits = self.classifier(path.x1_from_velocity(v_t, x_in, t))
             if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(f"the classifier must return logits (b, K), got {tuple(logits.shape)}")
             log_p = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).sum()
             (grad,) = torch.autograd.grad(log_p, x_in)
         if cost is not None:
             cost.vjp += 1
-        term = self.scale * self._score_factor(t, x) * grad
+        term = self.scale * self._score_factor(t, x, path) * grad
         return (v_t if self.on == "x_t" else v_t.detach()) + term

@@ -2,15 +2,23 @@
 
 Every method is a small :class:`~steerflow.steering.base.AbstractGuidance` passed to the one loop,
 ``steerflow.sample(v, x_0, guidance=...)``; none has a sampler of its own (D-Flow and the look-ahead
-predictors call :func:`steerflow.sample` itself). Linear path ``x_t = t x_1 + (1 − t) x_0``, ``t = 1`` data:
+predictors call :func:`steerflow.sample` itself). Formulas are written for the linear path
+``x_t = t x_1 + (1 − t) x_0``, ``t = 1`` data, and every method reads them from the affine path
+``x_t = α_t x_1 + σ_t x_0`` the model was trained with (``path=``, or ``model.path``; see
+:mod:`steerflow.steering.base`):
 
-* data prediction ``x̂_1 = x + (1 − t) v(x, t)``, noise prediction ``x̂_0 = x − t v(x, t)``;
-* the exact posterior velocity is ``v_y(x, t) = v(x, t) + ((1 − t) / t) ∇_x log p(y | x_t = x)``
-  (score ``∇ log p_t = (t v − x) / (1 − t)``, Bayes on the score).
+* data prediction ``x̂_1 = x + (1 − t) v(x, t)``, noise prediction ``x̂_0 = x − t v(x, t)``
+  (``path.x1_from_velocity``, ``path.x0_from_velocity``);
+* the exact posterior velocity is ``v_y(x, t) = v(x, t) + b_t ∇_x log p(y | x_t = x)`` with ``b_t = (1 − t) / t``
+  (in general ``b_t = σ_t (α̇_t σ_t / α_t − σ̇_t)``, the change of velocity per unit of score; score
+  ``∇ log p_t = −x̂_0 / σ_t``, Bayes on the score);
+* for data ``N(m, I)``, ``Cov[x_1 | x_t] = r_t² I`` with ``r_t² = (1 − t)² / (t² + (1 − t)²)``
+  (in general ``σ_t² / (α_t² + σ_t²)``) and ``∂x̂_1/∂x_t = t / (t² + (1 − t)²)`` (``α_t / (α_t² + σ_t²)``).
 
 Methods that move the state ``x → x'`` before a step with the base velocity held fixed (FlowChef,
 Dreamguider, EnKG, PnP-Flow, DDS) return ``v' = v + (x' − x) / dt``: with Euler steps this is exactly
-"update, then step"; with multi-stage solvers it is applied at every stage.
+"update, then step"; with multi-stage solvers it is applied at every stage. An adaptive solver hands the
+hooks the whole grid interval as ``dt``, so these methods refuse ``method="dopri5"`` (``check``).
 
 Cost accounting (into the ``cost`` argument): ``cost.vjp`` counts backward passes through the network,
 ``cost.operator_calls`` counts calls of ``A``, ``Aᵀ``, a VJP of ``A`` or an ``A Aᵀ`` solve; NFE is counted
@@ -26,7 +34,8 @@ import torch
 from torch import Tensor
 
 from ..metrics.cost import Cost
-from .base import AbstractGuidance
+from ..paths.affine import AffinePath, LinearPath
+from .base import AbstractGuidance, carried_path, check_path, resolve_path
 from .operators import AbstractLinearOperator, AbstractOperator, Dense, GaussianNoise
 
 __all__ = ["Measurement", "measurement", "ExactPosteriorGuidance", "FlowChef", "DPS", "Lookahead", "DFlow", "Dreamguider", "EnKG",
@@ -97,14 +106,32 @@ def _tt(t: Tensor, x: Tensor) -> Tensor:
     return t.to(dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _number(value, name: str, *, low: float = 0.0, high: float = math.inf, open_low: bool = False,
+            open_high: bool = False) -> float:
+    """A finite real setting in ``[low, high]`` (ends open where asked), as a float; else a clear error."""
+    number = isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1
+    if isinstance(value, bool) or not number:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v) or v < low or v > high or (open_low and v == low) or (open_high and v == high)
+    if bad:
+        lo, hi = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
+        raise ValueError(f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return v
+
+
 def _t0(t: Tensor) -> float:
+    if t.numel() == 0:
+        raise ValueError("guidance got an empty batch (0 samples); steer at least one sample")
     return float(t.reshape(-1)[0])
 
 
 def _require_linear(meas: Measurement, method: str) -> AbstractLinearOperator:
     if not isinstance(meas.operator, AbstractLinearOperator):
-        raise TypeError(f"{method} needs a linear operator (forward/adjoint), got {meas.operator!r}; "
-                        f"use FlowChef or DPS (differentiable) or EnKG (derivative-free) for non-linear models")
+        hint = ("; for a pixel measurement of a diffusers pipeline use its latent-space variant, "
+                "FlowPipeline.latent_measurement(A, y)") if type(meas.operator).__name__ == "DecodedOperator" else ""
+        raise TypeError(f"{method} needs a linear operator (forward/adjoint), got {meas.operator!r}; use FlowChef, "
+                        f"DPS or PnP-Flow (differentiable) or EnKG (derivative-free) for non-linear models{hint}")
     return meas.operator
 
 
@@ -144,18 +171,116 @@ def _loss_grad(loss_fn: Callable[[Tensor], Tensor], x1: Tensor) -> Tensor:
     return g
 
 
+_LINEAR = LinearPath()
+# conjugate-gradient budget of a guidance's (r A Aᵀ + σ² I) solve where A Aᵀ has no closed form (blur): a
+# noiseless deblur is ill-posed (float32, 3×32×32: residual still 0.25 after the default 10 m + 100 iterations,
+# 330 s a step), and an early-stopped CG is the regularised solve; well-posed systems stop earlier on the tolerance
+_GUIDANCE_CG_ITERS = 100
+
+
+@dataclass(frozen=True)
+class _At:
+    """An affine path's ``α_t, σ_t, α̇_t, σ̇_t`` at one time, as floats, and the factors the methods use."""
+
+    alpha: float
+    sigma: float
+    d_alpha: float
+    d_sigma: float
+
+    @classmethod
+    def of(cls, path: AffinePath, t: float) -> "_At":
+        c = path.schedule(torch.tensor(float(t), dtype=torch.float64))
+        return cls(float(c.alpha_t), float(c.sigma_t), float(c.d_alpha_t), float(c.d_sigma_t))
+
+    @property
+    def score_factor(self) -> float:
+        """``b_t = σ (α̇ σ / α − σ̇)``: ``∂v/∂(∇ log p_t)`` for a Gaussian source (linear: ``(1 − t) / t``)."""
+        return self.sigma * (self.d_alpha * self.sigma / self.alpha - self.d_sigma)
+
+    @property
+    def r2(self) -> float:
+        """``Cov[x_1 | x_t]`` for data ``N(m, I)``: ``σ² / (α² + σ²)`` (linear: ``(1 − t)² / (t² + (1 − t)²)``)."""
+        return self.sigma**2 / (self.alpha**2 + self.sigma**2)
+
+    @property
+    def gain(self) -> float:
+        """``∂x̂_1/∂x_t`` for data ``N(m, I)``: ``α / (α² + σ²)`` (linear: ``t / (t² + (1 − t)²)``)."""
+        return self.alpha / (self.alpha**2 + self.sigma**2)
+
+    @property
+    def predicts(self) -> bool:
+        """Whether ``v`` determines ``x̂_1`` here (``α σ̇ − σ α̇ ≠ 0``; not at ``t = 0`` of a polynomial path)."""
+        return abs(self.alpha * self.d_sigma - self.sigma * self.d_alpha) > 1e-12
+
+    @property
+    def x1_per_v(self) -> float:
+        """``∂x̂_1/∂v = −σ / (α σ̇ − σ α̇)`` (linear: ``1 − t``): a change of ``v`` moves ``x̂_1`` this many times."""
+        return -self.sigma / (self.alpha * self.d_sigma - self.sigma * self.d_alpha)
+
+
+class _Steering(AbstractGuidance):
+    """Shared plumbing of the measurement guidances: the path the model was trained with and the range check.
+
+    The path is ``model.path`` when the model carries one, else ``path=`` (default: linear); both given and
+    different is an error. Subclasses set ``self.path`` (``check_path(path)``) and ``self.meas`` (or ``None``).
+    """
+
+    path: AffinePath | None = None
+    meas: Measurement | None = None
+
+    def check(self, v=None, *, solver=None):
+        super().check(v, solver=solver)
+        if v is not None:
+            self._path_for(v)
+
+    def initial(self, v, x, ts, *, generator=None, cost=None):
+        self._start(v, x)
+        return x
+
+    def _start(self, v, x: Tensor) -> None:
+        """At the start of a solve: remember the model's path and the scale of the solve."""
+        if x.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__} got an empty batch (0 samples); steer at least one sample")
+        self._carried = carried_path(v)
+        self._path_for(v)
+        self._watch(x, *([float(self.meas.y.abs().max())] if self.meas is not None and self.meas.y.numel() else []))
+        self._fresh = True
+
+    def _path_for(self, v) -> AffinePath:
+        # inside Compose, v may be another guidance's field: the path seen by initial() on the sampler's base field
+        return resolve_path(self.path, v, who=type(self).__name__, carried=getattr(self, "_carried", None))
+
+    def _blind(self, v, t: Tensor) -> bool:
+        """No data prediction at ``t`` (``v`` does not determine ``x̂_1``, e.g. a polynomial path at ``t = 0``,
+        where ``v = 0``): the step is taken unguided."""
+        return not _At.of(self._path_for(v), _t0(t)).predicts
+
+    def _predicted(self, x1: Tensor) -> None:
+        """The first data prediction of a solve widens its scale (data may be larger than the noise)."""
+        if getattr(self, "_fresh", False):
+            self._note_scale(x1)
+            self._fresh = False
+
+
 # --------------------------------------------------------------------------------------------------
-class ExactPosteriorGuidance(AbstractGuidance):
+class ExactPosteriorGuidance(_Steering):
     """The oracle ``v_y = v + ((1 − t) / t) ∇_x log p(y | x_t)`` for a :class:`GaussianMixture` prior.
 
     ``log p(y | x_t)`` is exact (``GaussianMixture.measurement_log_likelihood``), so up to discretisation this
     ODE transports ``N(0, I)`` onto the exact posterior. At ``t = 0`` the limit is used:
     ``v_y(x, 0) = E[x_1 | y] − x``. The gradient is analytic and is not counted as a network VJP.
 
-    Args: ``mixture`` the prior; ``A`` (m, d) matrix or linear operator on (d,) vectors; ``y`` (m,); ``sigma``.
+    On an affine path ``x_t = α x_1 + σ x_0`` the factor is ``b_t`` and ``log p(y | x_t = x)`` is the linear
+    path's at ``s = α / (α + σ)``, ``x / (α + σ)`` (``x_t / (α + σ)`` is the linear path's ``x_s``); while
+    ``α < t_min`` the limit ``v_y = α̇ E[x_1 | y] + σ̇ x / σ`` is used.
+
+    Args: ``mixture`` the prior; ``A`` (m, d) matrix or linear operator on (d,) vectors; ``y`` (m,); ``sigma``;
+    ``path`` the path of the velocity (default: the model's, else linear).
     """
 
-    def __init__(self, mixture, A, y, sigma: float, *, t_min: float = 1e-6) -> None:
+    def __init__(self, mixture, A, y, sigma: float, *, t_min: float = 1e-6,
+                 path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         if isinstance(A, AbstractLinearOperator):
             A = A.matrix((mixture.dim,))
         A = torch.as_tensor(A, dtype=mixture.dtype)
@@ -163,34 +288,42 @@ class ExactPosteriorGuidance(AbstractGuidance):
         if not torch.isfinite(y).all():
             raise ValueError("the measurement y holds NaN or inf")
         post = mixture.posterior(A, y, sigma)  # checks the shapes of A and y and sigma > 0
+        t_min = _number(t_min, "t_min", high=1.0, open_low=True, open_high=True)
         self.mixture, self.A, self.y, self.sigma, self.t_min = mixture, A, y, float(sigma), t_min
         self.posterior_mean = (post.weights[:, None] * post.means).sum(0)
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        t0 = _t0(t)
-        if t0 < self.t_min:
-            return (self.posterior_mean.to(x.dtype) - x)
+        c = _At.of(self._path_for(v), _t0(t))
+        if c.alpha < self.t_min:
+            return c.d_alpha * self.posterior_mean.to(x.dtype) + (c.d_sigma / c.sigma) * x
+        k = c.alpha + c.sigma
+        s = torch.full((x.shape[0],), c.alpha / k, dtype=self.mixture.dtype, device=x.device)
         with torch.enable_grad():
             x_ = x.detach().to(self.mixture.dtype).requires_grad_(True)
-            ll = self.mixture.measurement_log_likelihood(x_, t.to(self.mixture.dtype), self.A, self.y, self.sigma)
+            ll = self.mixture.measurement_log_likelihood(x_ / k, s, self.A, self.y, self.sigma)
             (g,) = torch.autograd.grad(ll.sum(), x_)
-        return v(x, t) + ((1 - t0) / t0) * g.to(x.dtype)
+        return v(x, t) + c.score_factor * g.to(x.dtype)
 
 
-class FlowChef(AbstractGuidance):
+class FlowChef(_Steering):
     """FlowChef (Patel et al. 2024, "Steering Rectified Flow Models in the Vector Field"): gradient skipping.
 
     With ``v = v(x, t)`` held fixed, ``K`` inner steps ``x ← x − s_t ∇_{x̂_1} L(x̂_1)``, ``x̂_1 = x + (1 − t) v``
     (no backpropagation through the network: ``∂x̂_1/∂x`` is taken as ``I``), then the Euler step with ``v``.
     ``L`` is ``loss_fn(x̂_1)`` (any differentiable (b,) loss, e.g. a classifier's ``−log p(c | x̂_1)``) or the
     measurement loss ``½‖y − A x̂_1‖²``. Step schedule ``s_t = step_size · w(t)`` with ``w`` constant or
-    ``1 − t`` (``schedule="linear"``).
+    ``1 − t`` (``schedule="linear"``). ``x̂_1`` is read from the model's path (``path=``, default linear).
+    "Update, then step": needs a fixed-step solver.
     """
 
+    fixed_step_only = True
+
     def __init__(self, operator=None, y=None, sigma: float = 0.0, *, loss_fn: Callable[[Tensor], Tensor] | None = None,
-                 step_size: float = 0.1, n_inner: int = 1, schedule: str = "constant") -> None:
+                 step_size: float = 0.1, n_inner: int = 1, schedule: str = "constant",
+                 path: AffinePath | str | None = None) -> None:
         if (operator is None) == (loss_fn is None):
             raise ValueError("FlowChef needs exactly one of (operator, y) or loss_fn")
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma) if operator is not None else None
         if self.meas is not None:
             _require_differentiable(self.meas, "FlowChef")
@@ -198,22 +331,32 @@ class FlowChef(AbstractGuidance):
             raise ValueError(f"unknown schedule {schedule!r}; expected 'constant' or 'linear'")
         if n_inner < 1:
             raise ValueError(f"n_inner must be at least 1, got {n_inner}")
-        self.loss_fn, self.step_size, self.n_inner, self.schedule = loss_fn, float(step_size), int(n_inner), schedule
+        step_size = _number(step_size, "step_size")
+        self.loss_fn, self.step_size, self.n_inner, self.schedule = loss_fn, step_size, int(n_inner), schedule
+
+    def settings(self):
+        return {"step_size": self.step_size, "n_inner": self.n_inner, "schedule": self.schedule}
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         v_t = v(x, t)
+        path = self._path_for(v)
         t0 = _t0(t)
         s = self.step_size * ((1 - t0) if self.schedule == "linear" else 1.0)
         x_new = x
         for _ in range(self.n_inner):
-            x1 = x_new + (1 - t0) * v_t
+            x1 = path.x1_from_velocity(v_t, x_new, t)
+            self._predicted(x1)
             g = _data_grad(self.meas, x1, cost) if self.meas is not None else _loss_grad(self.loss_fn, x1)
             x_new = x_new - s * g
         return _displace(v_t, x, x_new, dt)
 
 
-def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Cost | None, *, normalize: bool):
-    """Predict ``x̂_1`` with ``k`` Euler steps from ``(x, t)`` to 1 with autograd on, return ``(v(x,t), ∇_x L)``.
+def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Cost | None, *, normalize: bool,
+                    path: AffinePath = _LINEAR):
+    """Predict ``x̂_1`` with autograd on, return ``(v(x,t), ∇_x L, x̂_1)``: ``k = 1`` the path's data prediction,
+    ``k > 1`` ``k`` Euler steps of the flow from ``(x, t)`` to 1.
 
     ``L = ‖y − A x̂_1(x)‖`` (``normalize``, DPS's ``ζ / ‖y − A x̂‖`` step) or ``‖y − A x̂_1(x)‖² / 2σ²``.
     """
@@ -224,48 +367,57 @@ def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Co
         x_ = x.detach().requires_grad_(True)
         v_t = v(x_, t)
         h = (1 - t0) / k
-        x1 = x_ + h * v_t
+        x1 = path.x1_from_velocity(v_t, x_, t) if k == 1 else x_ + h * v_t
         if k > 1:
             ts = torch.linspace(t0 + h, 1.0, k, dtype=torch.float64)
-            x1 = sample(v, x1, ts=ts, cost=Cost(), check_finite=False)
+            x1 = sample(v, x1, ts=ts, cost=Cost(), check_finite=False, enable_grad=True)
         r = meas.residual(x1, cost)
         sq = (r**2).reshape(r.shape[0], -1).sum(-1)
         loss = sq.clamp_min(1e-30).sqrt().sum() if normalize else sq.sum() / (2 * max(meas.sigma, 1e-12) ** 2)
         (g,) = torch.autograd.grad(loss, x_)
     _count(cost, vjp=k, operator_calls=1)
-    return v_t.detach(), g
+    return v_t.detach(), g, x1.detach()
 
 
-class _BackpropGuidance(AbstractGuidance):
+class _BackpropGuidance(_Steering):
     """Shared body of :class:`DPS` and :class:`Lookahead`: gradient of the measurement loss on a predicted
     ``x̂_1``, differentiated through the network."""
 
     def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.05, normalize: bool = True,
-                 t_min: float = 1e-2) -> None:
+                 t_min: float = 1e-2, path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         _require_differentiable(self.meas, type(self).__name__)
         if not normalize and self.meas.sigma == 0:
             raise ValueError("normalize=False weights by 1/σ² and needs sigma > 0")
-        self.scale, self.normalize, self.t_min = float(scale), bool(normalize), t_min
+        scale, t_min = _number(scale, "scale"), _number(t_min, "t_min", high=1.0, open_low=True, open_high=True)
+        self.scale, self.normalize, self.t_min = scale, bool(normalize), t_min
 
     def _k(self, t, dt) -> int:
         return 1
 
+    def settings(self):
+        return {"scale": self.scale, "normalize": self.normalize}
+
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        v_t, g = _posterior_step(self.meas, v, x, t, self._k(t, dt), cost, normalize=self.normalize)
+        if self._blind(v, t):
+            return v(x, t)
+        path = self._path_for(v)
+        v_t, g, x1 = _posterior_step(self.meas, v, x, t, self._k(t, dt), cost, normalize=self.normalize, path=path)
+        self._predicted(x1)
         if self.normalize:
             return v_t - (self.scale / abs(float(dt))) * g
-        t0 = max(_t0(t), self.t_min)
-        return v_t - self.scale * ((1 - t0) / t0) * g
+        return v_t - self.scale * _At.of(path, max(_t0(t), self.t_min)).score_factor * g
 
 
 class DPS(_BackpropGuidance):
     """Diffusion posterior sampling adapted to flows (Chung et al. 2023; "posterior guidance").
 
-    ``x̂_1 = x + (1 − t) v(x, t)`` is differentiated through the network:
+    ``x̂_1 = x + (1 − t) v(x, t)`` (the model's path's ``x̂_1``) is differentiated through the network:
     ``v' = v − (ζ / |dt|) ∇_x ‖y − A x̂_1(x)‖`` — DPS's per-step move ``−ζ ∇‖y − A x̂‖`` with ``ζ = scale``
     (``normalize=True``), or with ``normalize=False`` ``v' = v − ζ ((1 − t)/t) ∇_x ‖y − A x̂_1‖² / 2σ²``,
-    the Tweedie-plug-in approximation of ``((1 − t)/t) ∇ log p(y | x_t)``. One VJP per stage.
+    the Tweedie-plug-in approximation of ``((1 − t)/t) ∇ log p(y | x_t)`` (``b_t`` on other paths). One VJP
+    per stage.
     """
 
 
@@ -275,11 +427,14 @@ class Lookahead(_BackpropGuidance):
     end-to-end guidance; Wang et al., "Greed is Good"). Costs ``k`` NFE and ``k`` VJPs per stage."""
 
     def __init__(self, operator, y, sigma: float = 0.0, *, k: int | None = 4, scale: float = 0.05,
-                 normalize: bool = True, t_min: float = 1e-2) -> None:
-        super().__init__(operator, y, sigma, scale=scale, normalize=normalize, t_min=t_min)
+                 normalize: bool = True, t_min: float = 1e-2, path: AffinePath | str | None = None) -> None:
+        super().__init__(operator, y, sigma, scale=scale, normalize=normalize, t_min=t_min, path=path)
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or None (end-to-end), got {k!r}")
         self.k = k
+
+    def settings(self):
+        return {**super().settings(), "k": self.k}
 
     def _k(self, t, dt) -> int:
         if self.k is not None:
@@ -287,7 +442,7 @@ class Lookahead(_BackpropGuidance):
         return max(1, int(round((1 - _t0(t)) / abs(float(dt)))))
 
 
-class DFlow(AbstractGuidance):
+class DFlow(_Steering):
     """D-Flow (Ben-Hamu et al. 2024): optimise the source noise through the differentiable solve.
 
     ``x_0* = argmin_{x_0} ‖y − A(φ(x_0))‖² / 2σ² + λ R(x_0)`` with ``φ`` an ``inner_steps``-step Euler solve
@@ -297,14 +452,23 @@ class DFlow(AbstractGuidance):
     """
 
     def __init__(self, operator, y, sigma: float = 0.0, *, inner_steps: int = 10, n_iter: int = 10,
-                 reg: float = 1.0, lr: float = 1.0) -> None:
+                 reg: float = 1.0, lr: float = 1.0, path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)  # the method solves the flow's own ODE: valid on any path
         self.meas = measurement(operator, y, sigma)
         _require_differentiable(self.meas, "DFlow")
-        self.inner_steps, self.n_iter, self.reg, self.lr = int(inner_steps), int(n_iter), float(reg), float(lr)
+        for name, val in (("inner_steps", inner_steps), ("n_iter", n_iter)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        reg, lr = _number(reg, "reg"), _number(lr, "lr", open_low=True)
+        self.inner_steps, self.n_iter, self.reg, self.lr = int(inner_steps), int(n_iter), reg, lr
+
+    def settings(self):
+        return {"lr": self.lr, "reg": self.reg, "n_iter": self.n_iter}
 
     def initial(self, v, x, ts, *, generator=None, cost=None):
         from ..solvers.sample import sample
 
+        self._start(v, x)
         w = 1.0 / (2 * max(self.meas.sigma, 1e-3) ** 2)
         d = x[0].numel()
         x0 = x.detach().clone().requires_grad_(True)
@@ -313,7 +477,7 @@ class DFlow(AbstractGuidance):
         def closure():
             opt.zero_grad()
             with torch.enable_grad():
-                x1 = sample(v, x0, steps=self.inner_steps, cost=Cost(), check_finite=False)
+                x1 = sample(v, x0, steps=self.inner_steps, cost=Cost(), check_finite=False, enable_grad=True)
                 r = self.meas.residual(x1, cost)
                 n2 = (x0**2).reshape(x0.shape[0], -1).sum(-1)
                 loss = w * (r**2).sum() + self.reg * (0.5 * n2 - (0.5 * d - 1) * torch.log(n2)).sum()
@@ -325,27 +489,38 @@ class DFlow(AbstractGuidance):
         return x0.detach()
 
 
-class Dreamguider(AbstractGuidance):
+class Dreamguider(_Steering):
     """Dreamguider-style guidance (Nair & Patel 2024): no network backpropagation, a time-varying factor and
     an automatic step scale.
 
     The gradient is taken at the data prediction, ``g = ∇_{x̂_1} ½‖y − A x̂_1‖²``, and carried to ``x_t`` by the
     time-varying factor ``λ_t = t / (t² + (1 − t)²)`` (the Jacobian ``∂x̂_1/∂x_t`` for unit-variance Gaussian
-    data). The step is scaled automatically per sample so that the guidance move is a fraction ``scale`` of
-    the flow's own move: ``x' = x − scale · (|dt| ‖v‖ / ‖λ_t g‖) · λ_t g``. Our reading of the paper's
-    description (its code is not public); documented as "-style".
+    data; ``α / (α² + σ²)`` on an affine path). The step is scaled automatically per sample so that the guidance
+    move is a fraction ``scale`` of the flow's own move: ``x' = x − scale · (|dt| ‖v‖ / ‖λ_t g‖) · λ_t g``. Our
+    reading of the paper's description (its code is not public); documented as "-style". "Update, then step":
+    needs a fixed-step solver.
     """
 
-    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.5) -> None:
+    fixed_step_only = True
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.5,
+                 path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         _require_differentiable(self.meas, "Dreamguider")
-        self.scale = float(scale)
+        self.scale = _number(scale, "scale")
+
+    def settings(self):
+        return {"scale": self.scale}
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         v_t = v(x, t)
-        t0 = _t0(t)
-        x1 = x + (1 - t0) * v_t
-        g = (t0 / (t0**2 + (1 - t0) ** 2)) * _data_grad(self.meas, x1, cost)
+        path = self._path_for(v)
+        x1 = path.x1_from_velocity(v_t, x, t)
+        self._predicted(x1)
+        g = _At.of(path, _t0(t)).gain * _data_grad(self.meas, x1, cost)
         b = x.shape[0]
         gn = g.reshape(b, -1).norm(dim=-1).clamp_min(1e-12)
         vn = v_t.reshape(b, -1).norm(dim=-1)
@@ -353,26 +528,41 @@ class Dreamguider(AbstractGuidance):
         return _displace(v_t, x, x - eta.reshape(-1, *([1] * (x.ndim - 1))) * g, dt)
 
 
-class EnKG(AbstractGuidance):
+class EnKG(_Steering):
     """Ensemble Kalman guidance (Zheng et al. 2024): derivative-free, forward-model evaluations only.
 
     Particles ``x^j`` (the batch, or consecutive groups of ``ensemble_size``) predict ``x̂_1^j`` (one step,
     ``x + (1 − t) v``, or ``predictor_steps`` Euler steps to 1), measure ``ŷ^j = A(x̂_1^j)`` and move by the
     ensemble preconditioned gradient ``x^j ← x^j − η Σ_k ⟨ŷ^j − y, ŷ^k − ŷ̄⟩ (x^k − x̄) / J`` with the
     normalised step ``η = scale / ‖C‖_F``, ``C_jk = ⟨ŷ^j − y, ŷ^k − ŷ̄⟩ / J`` (as in the official code).
-    The base velocity at ``x`` is held fixed for the step.
+    The base velocity at ``x`` is held fixed for the step ("update, then step": needs a fixed-step solver).
+    With one predictor step ``x̂_1`` is the model's path's data prediction.
     """
 
-    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.05, ensemble_size: int | None = None,
-                 predictor_steps: int = 1, n_updates: int = 1) -> None:
-        self.meas = measurement(operator, y, sigma)
-        if ensemble_size is not None and ensemble_size < 2:
-            raise ValueError(f"ensemble_size must be at least 2, got {ensemble_size}")
-        self.scale, self.J, self.k, self.n_updates = float(scale), ensemble_size, int(predictor_steps), int(n_updates)
+    fixed_step_only = True
 
-    def _predict(self, v, x, t0, v_t):
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 0.05, ensemble_size: int | None = None,
+                 predictor_steps: int = 1, n_updates: int = 1, path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
+        self.meas = measurement(operator, y, sigma)
+        if ensemble_size is not None and (isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int)
+                                          or ensemble_size < 2):
+            raise ValueError(f"ensemble_size must be an integer of at least 2, got {ensemble_size!r}")
+        for name, val in (("predictor_steps", predictor_steps), ("n_updates", n_updates)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        scale = _number(scale, "scale")
+        self.scale, self.J, self.k, self.n_updates = scale, ensemble_size, int(predictor_steps), int(n_updates)
+
+    def settings(self):
+        return {"scale": self.scale, "n_updates": self.n_updates}
+
+    def _predict(self, v, x, t, v_t):
         from ..solvers.sample import sample
 
+        if self.k == 1:
+            return self._path_for(v).x1_from_velocity(v_t, x, t)
+        t0 = _t0(t)
         h = (1 - t0) / self.k
         x1 = x + h * v_t
         if self.k > 1:
@@ -380,17 +570,23 @@ class EnKG(AbstractGuidance):
         return x1
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         v_t = v(x, t)
-        t0 = _t0(t)
         b = x.shape[0]
         J = self.J or b
+        if J < 2:
+            raise ValueError("EnKG needs an ensemble of at least 2 particles; the batch holds 1 (pass several "
+                             "particles per measurement, grouped consecutively, and ensemble_size=J)")
         if b % J:
             raise ValueError(f"the batch ({b}) must be a multiple of ensemble_size ({J})")
         x_cur = x
         with torch.no_grad():
             for u in range(self.n_updates):
                 vu = v_t if u == 0 else v(x_cur, t)
-                yh = self.meas.operator(self._predict(v, x_cur, t0, vu))
+                x1 = self._predict(v, x_cur, t, vu)
+                self._predicted(x1)
+                yh = self.meas.operator(x1)
                 _count(cost, operator_calls=1)
                 err = (yh - self.meas.y_like(yh)).reshape(b // J, J, -1)
                 yd = yh.reshape(b // J, J, -1)
@@ -405,98 +601,135 @@ class EnKG(AbstractGuidance):
         return _displace(v_t, x, x_cur, dt)
 
 
-class DDS(AbstractGuidance):
-    """Decomposed diffusion sampling (Chung et al. 2024) on the linear path.
+class DDS(_Steering):
+    """Decomposed diffusion sampling (Chung et al. 2024).
 
-    Data consistency on the data prediction by ``n_cg`` conjugate-gradient steps on
-    ``(Aᵀ A + γ I) x̂_1' = Aᵀ y + γ x̂_1`` started at ``x̂_1`` (a Krylov-subspace proximal step), then the
-    path-consistent re-noising ``x_{t+dt} = (t + dt) x̂_1' + (1 − t − dt) x̂_0'`` with
-    ``x̂_0' = √(1 − η²) x̂_0 + η ε`` (DDIM-η; ``eta=0`` deterministic), returned as the velocity of that jump.
+    Data consistency on the data prediction by at most ``n_cg`` conjugate-gradient steps on
+    ``(Aᵀ A + γ I) x̂_1' = Aᵀ y + γ x̂_1`` started at ``x̂_1`` (a Krylov-subspace proximal step; stopped at a
+    relative residual in the input's precision, and where ``Aᵀ A`` has no curvature left, so a rank-deficient
+    ``A`` with ``γ = 0`` converges instead of stepping along rounding noise), then the path-consistent
+    re-noising ``x_{t+dt} = (t + dt) x̂_1' + (1 − t − dt) x̂_0'`` (``α_{t+dt} x̂_1' + σ_{t+dt} x̂_0'`` on the model's
+    path) with ``x̂_0' = √(1 − η²) x̂_0 + η ε`` (DDIM-η; ``eta=0`` deterministic), returned as the velocity of
+    that jump: it needs a fixed-step solver.
     """
 
-    def __init__(self, operator, y, sigma: float = 0.0, *, n_cg: int = 5, gamma: float = 0.0, eta: float = 0.0) -> None:
+    fixed_step_only = True
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, n_cg: int = 5, gamma: float = 0.0, eta: float = 0.0,
+                 path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         self.A = _require_linear(self.meas, "DDS")
-        if n_cg < 1:
-            raise ValueError(f"n_cg must be at least 1, got {n_cg}")
+        if isinstance(n_cg, bool) or not isinstance(n_cg, int) or n_cg < 1:
+            raise ValueError(f"n_cg must be a positive integer, got {n_cg!r}")
         if not (0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if not (gamma >= 0 and math.isfinite(gamma)):
+            raise ValueError(f"gamma must be finite and non-negative, got {gamma}")
         self.n_cg, self.gamma, self.eta = int(n_cg), float(gamma), float(eta)
 
+    def settings(self):
+        return {"n_cg": self.n_cg, "gamma": self.gamma, "eta": self.eta}
+
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
+        from .operators import conjugate_gradient
+
         v_t = v(x, t)
+        path = self._path_for(v)
         t0, h = _t0(t), float(dt)
-        x1, x0 = x + (1 - t0) * v_t, x - t0 * v_t
+        x1, x0 = path.x1_from_velocity(v_t, x, t), path.x0_from_velocity(v_t, x, t)
+        self._predicted(x1)
         A, g = self.A, self.gamma
         Aty = A.adjoint(self.meas.y_like(A(x1)))
         rhs = Aty + g * x1
-        x1_new = _cg_from(lambda z: A.adjoint(A(z)) + g * z, rhs, x1, self.n_cg)
+        x1_new = conjugate_gradient(lambda z: A.adjoint(A(z)) + g * z, rhs, x1, n_iter=self.n_cg)
         _count(cost, operator_calls=2 + 2 * self.n_cg + 2)
         if self.eta > 0:
             eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x0 = math.sqrt(1 - self.eta**2) * x0 + self.eta * eps
-        x_next = (t0 + h) * x1_new + (1 - t0 - h) * x0
+        c = _At.of(path, t0 + h)
+        x_next = c.alpha * x1_new + c.sigma * x0
         return (x_next - x) / h
 
 
-def _cg_from(apply, rhs, x0, n_iter):
-    from .operators import conjugate_gradient
-
-    return conjugate_gradient(apply, rhs, x0, n_iter=n_iter, tol=0.0)
-
-
-class OTODE(AbstractGuidance):
+class OTODE(_Steering):
     """OT-ODE / ΠGDM guidance for flows (Pokle et al. 2024; Song et al. 2023 ΠGDM).
 
     ``∇ log p(y | x_t) ≈ (∂x̂_1/∂x)ᵀ Aᵀ (r_t² A Aᵀ + σ² I)⁻¹ (y − A x̂_1)`` (a VJP through the network) with
-    ``r_t² = (1 − t)² / (t² + (1 − t)²)``, and ``v' = v + scale · ((1 − t)/t) ∇ log p(y | x_t)``.
+    ``r_t² = (1 − t)² / (t² + (1 − t)²)``, and ``v' = v + scale · ((1 − t)/t) ∇ log p(y | x_t)``
+    (``r_t² = σ² / (α² + σ²)`` and ``b_t`` on the model's affine path).
     """
 
-    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 1.0, t_min: float = 1e-2) -> None:
+    def __init__(self, operator, y, sigma: float = 0.0, *, scale: float = 1.0, t_min: float = 1e-2,
+                 path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         self.A = _require_linear(self.meas, "OTODE")
-        self.scale, self.t_min = float(scale), t_min
+        t_min = _number(t_min, "t_min", high=1.0, open_low=True, open_high=True)
+        self.scale, self.t_min = _number(scale, "scale"), t_min
+
+    def settings(self):
+        return {"scale": self.scale}
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         t0 = _t0(t)
-        r2 = (1 - t0) ** 2 / (t0**2 + (1 - t0) ** 2)
+        path = self._path_for(v)
+        r2 = _At.of(path, t0).r2
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             v_t = v(x_, t)
-            x1 = x_ + (1 - t0) * v_t
+            x1 = path.x1_from_velocity(v_t, x_, t)
+            self._predicted(x1)
             r = self.meas.residual(x1.detach(), cost)
-            w = self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r))
+            w = self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r, n_iter=_GUIDANCE_CG_ITERS))
             (g,) = torch.autograd.grad(x1, x_, grad_outputs=w)
         _count(cost, vjp=1, operator_calls=2)
-        te = max(t0, self.t_min)
-        return v_t.detach() + self.scale * ((1 - te) / te) * g
+        return v_t.detach() + self.scale * _At.of(path, max(t0, self.t_min)).score_factor * g
 
 
-class PnPFlow(AbstractGuidance):
+class PnPFlow(_Steering):
     """PnP-Flow (Martin et al. 2025): gradient step, interpolation, denoising — on the loop's grid.
 
     At grid time ``t`` with state ``z̃`` (a point of the path): denoise ``x = D_t(z̃) = z̃ + (1 − t) v(z̃, t)``,
     take a data-fidelity step ``z = x − γ_t Aᵀ(A x − y)`` with ``γ_t = step_size (1 − t)^α``, and
-    re-interpolate with fresh noise ``z̃_{t+dt} = (t + dt) z + (1 − t − dt) ε``. Returned as the velocity
-    of that jump, so it is exact for ``method="euler"`` (the algorithm is not an ODE).
+    re-interpolate with fresh noise ``z̃_{t+dt} = (t + dt) z + (1 − t − dt) ε`` (``x̂_1`` and
+    ``α_{t+dt} z + σ_{t+dt} ε`` on the model's path). Returned as the velocity of that jump, so it is exact for
+    ``method="euler"`` (the algorithm is not an ODE) and needs a fixed-step solver. A step
+    ``step_size ≳ 2 / ‖A‖²`` makes the gradient step expand; the solve then stops with an error.
     """
 
-    def __init__(self, operator, y, sigma: float = 0.0, *, step_size: float = 1.0, alpha: float = 0.5) -> None:
+    fixed_step_only = True
+
+    def __init__(self, operator, y, sigma: float = 0.0, *, step_size: float = 1.0, alpha: float = 0.5,
+                 path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         _require_differentiable(self.meas, "PnPFlow")
-        self.step_size, self.alpha = float(step_size), float(alpha)
+        self.step_size, self.alpha = _number(step_size, "step_size"), _number(alpha, "alpha")
+
+    def settings(self):
+        return {"step_size": self.step_size, "alpha": self.alpha}
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         v_t = v(x, t)
+        path = self._path_for(v)
         t0, h = _t0(t), float(dt)
-        x1 = x + (1 - t0) * v_t
+        x1 = path.x1_from_velocity(v_t, x, t)
+        self._predicted(x1)
         z = x1 - self.step_size * (1 - t0) ** self.alpha * _data_grad(self.meas, x1, cost)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_next = (t0 + h) * z + (1 - t0 - h) * eps
+        c = _At.of(path, t0 + h)
+        x_next = c.alpha * z + c.sigma * eps
         return (x_next - x) / h
 
 
-class SteerflowDefault(AbstractGuidance):
+class SteerflowDefault(_Steering):
     """steerflow's recommended guidance: a closed-form Gaussian correction of ``x̂_1``, and for an ensemble a
     sequential-Monte-Carlo reweighting that repairs what the Gaussian model gets wrong; no network VJP.
 
@@ -543,6 +776,11 @@ class SteerflowDefault(AbstractGuidance):
     weight integral uses the left point of each grid step (any solver). Cost per step: ``O(b d (d + K) + K d³)``
     and no extra network evaluation.
 
+    **Other paths.** On the model's affine path ``x_t = α x_1 + σ x_0`` the same construction reads
+    ``∂x̂_1/∂x_t = α C_t / σ²`` (so ``C_t = (σ²/α) sym(J̄)``; isotropic ``r_t² = s² σ² / (α² s² + σ²)``),
+    ``Δ = scale · C_t Aᵀ S⁻¹ (y − A x̂_1) / (∂x̂_1/∂v)`` with ``∂x̂_1/∂v = −σ / (α σ̇ − σ α̇)`` (linear:
+    ``1 − t``) and ``∇log p_t = −x̂_0 / σ``.
+
     Args:
         operator: linear ``A``; ``y``: (*m) or (b, *m); ``sigma``: noise std ``σ ≥ 0``.
         covariance: ``"auto"``, ``"ensemble"`` or ``"isotropic"`` (above).
@@ -554,7 +792,8 @@ class SteerflowDefault(AbstractGuidance):
 
     def __init__(self, operator, y, sigma: float = 0.0, *, covariance: str = "auto", prior_var: float = 1.0,
                  scale: float = 1.0, jitter: float = 1e-6, resample: bool | None = None,
-                 n_clusters: int | None = None) -> None:
+                 n_clusters: int | None = None, path: AffinePath | str | None = None) -> None:
+        self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         self.A = _require_linear(self.meas, "SteerflowDefault")
         if covariance not in ("auto", "ensemble", "isotropic"):
@@ -568,7 +807,8 @@ class SteerflowDefault(AbstractGuidance):
         if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)
                                        or n_clusters < 1):
             raise ValueError(f"n_clusters must be a positive integer or None, got {n_clusters!r}")
-        self.covariance, self.s2, self.scale, self.jitter = covariance, float(prior_var), float(scale), float(jitter)
+        scale, jitter, prior_var = _number(scale, "scale"), _number(jitter, "jitter"), _number(prior_var, "prior_var")
+        self.covariance, self.s2, self.scale, self.jitter = covariance, prior_var, scale, jitter
         self.resample, self.n_clusters = resample, n_clusters
         self.ess: float | None = None
         self._A_mat = None
@@ -584,8 +824,12 @@ class SteerflowDefault(AbstractGuidance):
             return x.shape[0] >= 8 * d and d <= 256
         return self.covariance == "ensemble"
 
+    def settings(self):
+        return {"scale": self.scale, "covariance": self.covariance}
+
     def initial(self, v, x, ts, *, generator=None, cost=None):
         self._reset()
+        self._start(v, x)
         # auto: below ~64 particles per dimension the weights degenerate (exact bed, 8d-mask, b = 300: D² 0.027
         # with resampling against 0.013 without; b = 600: 0.007 against 0.010)
         want = self.resample if self.resample is not None else (
@@ -613,37 +857,43 @@ class SteerflowDefault(AbstractGuidance):
         return not bool((y == y[:1]).all())
 
     def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        if self._blind(v, t):
+            return v(x, t)
         v_t = v(x, t)
-        t0 = _t0(t)
-        if t0 >= 1.0:
+        path = self._path_for(v)
+        c = _At.of(path, _t0(t))
+        if c.sigma <= 0:  # t = 1: x̂_1 = x, nothing left to correct
             return v_t
-        x1 = torch.add(x, v_t, alpha=1 - t0)
+        x1 = path.x1_from_velocity(v_t, x, t)
+        self._predicted(x1)
         r = self.meas.residual(x1, cost)
         weigh = self._active and self._rate is None  # the first stage of a grid step carries the weight
         div = None
-        if t0 > 0 and self._use_ensemble(x):
+        if c.alpha > 0 and self._use_ensemble(x):
             if x.shape[0] < 2:
                 raise ValueError("covariance='ensemble' needs a batch of at least 2 samples")
-            corr, div = self._ensemble_correction(x, x1, r, t0, cost, with_div=weigh)
+            corr, div = self._ensemble_correction(x, x1, r, c, cost, with_div=weigh)
         else:
             # at t = 0 (and in the isotropic model) ∂x̂_1/∂x is the same for every particle: ∇·Δ cancels
-            r2 = self.s2 * (1 - t0) ** 2 / (t0**2 * self.s2 + (1 - t0) ** 2)
-            corr = r2 * self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r))
+            r2 = self.s2 * c.sigma**2 / (c.alpha**2 * self.s2 + c.sigma**2)
+            corr = r2 * self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r, n_iter=_GUIDANCE_CG_ITERS))
             _count(cost, operator_calls=2)
-        delta = corr * (self.scale / (1 - t0))
+        to_v = self.scale / c.x1_per_v  # the velocity change that moves x̂_1 by corr (linear: 1 / (1 − t))
+        delta = corr * to_v
         if weigh:
             b = x.shape[0]
             if b != self._logw.shape[0]:
                 raise ValueError(f"the batch changed size during the solve ({self._logw.shape[0]} → {b})")
-            # ∇log p_t · Δ with ∇log p_t = −x̂_0 / (1 − t), x̂_0 = x − t v
-            x0_hat = torch.add(x, v_t, alpha=-t0)
-            rate = torch.linalg.vecdot(x0_hat.reshape(b, -1), delta.reshape(b, -1)) * (-1.0 / (1 - t0))
+            # ∇log p_t · Δ with ∇log p_t = −x̂_0 / σ (linear: −(x − t v) / (1 − t))
+            x0_hat = path.x0_from_velocity(v_t, x, t)
+            rate = torch.linalg.vecdot(x0_hat.reshape(b, -1), delta.reshape(b, -1)) * (-1.0 / c.sigma)
             if div is not None:
-                rate = torch.add(rate, div, alpha=self.scale / (1 - t0))
+                rate = torch.add(rate, div, alpha=to_v)
             self._rate = rate
         return v_t + delta
 
     def after_step(self, v, x, t_next, *, t, generator=None, cost=None):
+        self._check_state(x, t_next, t=t)
         if not self._active:
             return x
         if self._rate is not None:
@@ -661,7 +911,7 @@ class SteerflowDefault(AbstractGuidance):
         self._reset()
         return x[_systematic_resample(w, generator)]
 
-    def _ensemble_correction(self, x, x1, r, t0, cost, *, with_div: bool):
+    def _ensemble_correction(self, x, x1, r, c: _At, cost, *, with_div: bool):
         """``C_t Aᵀ S⁻¹ r`` (b, *d) and, if asked, ``−tr(C_t Aᵀ S⁻¹ A J̄_k)`` (b,) with ``S = A C_t Aᵀ + σ² I``.
 
         With reweighting (``with_div``) the slopes ``J̄`` and ``J̄_k`` are refreshed every ``_SLOPE_EVERY`` steps
@@ -679,7 +929,7 @@ class SteerflowDefault(AbstractGuidance):
             J_psd = (Q * lam.clamp_min(0)) @ Q.T
         else:
             J, J_psd = self._slopes[0], self._slopes[1]
-        C = J_psd * ((1 - t0) ** 2 / t0)
+        C = J_psd * (c.sigma**2 / c.alpha)  # Tweedie: Cov[x_1 | x_t] = (σ²/α) ∂x̂_1/∂x_t (linear: (1 − t)²/t)
         A_mat = self._matrix(shape, x)                                 # (m, d), d ≤ 256 on this path
         CAt = C @ A_mat.T                                              # C Aᵀ (d, m)
         ACAt = A_mat @ CAt                                             # A C Aᵀ (m, m)
