@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -93,6 +94,9 @@ ODE = dict(method="rk4", steps=64)                   # test NLL and samples
 ODE_CHECK = dict(method="dopri5", atol=1e-5, rtol=1e-5)  # seed 0: the test NLL again, adaptive
 ODE_VAL = dict(method="rk4", steps=32)               # validation NLL (early stopping) and the density map
 LOG_4PI = math.log(4 * math.pi)
+# all three catalogues (the package ships volcano and earthquake only): $STEERFLOW_EARTH_DATA, else the repository's
+# ../shared/data/earth; the same files either way, so the splits and the numbers do not depend on it
+EARTH_DIR = Path(os.environ.get("STEERFLOW_EARTH_DATA") or Path(__file__).resolve().parents[2] / "shared/data/earth")
 PUBLISHED = {  # Chen & Lipman (2024), Table 2 / shared data README: typed from the papers, not measured
     "Riemannian FM (Chen & Lipman 2024)": {"volcano": (-7.93, 1.67), "earthquake": (-0.28, 0.08)},
     "vMF KDE (published)": {"earthquake": (0.46, 0.45), "flood": (0.70, 0.05)},
@@ -236,7 +240,7 @@ def _part_paths(name: str, seeds=None):
 def run_dataset(name: str) -> None:
     """The ``SEEDS`` of one catalogue; writes ``earth_nll{suffix}.part-{name}-s{seeds}.json`` (+ the map data
     of the first seed when it is seed 0)."""
-    x = load_earth(name)
+    x = load_earth(name, root=EARTH_DIR)
     rows = {"uniform": [], "vmf_kde": [], "rfm": []}
     per_seed = []
     fig = None

@@ -52,6 +52,8 @@ def check_batch(x: Tensor, name: str, *, finite: bool = True) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (b, *d) with a batch dimension, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if finite and not torch.isfinite(x).all():

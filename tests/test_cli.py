@@ -32,6 +32,16 @@ def test_every_subcommand_has_help(capsys):
     assert rc == 2 and "usage" in err
 
 
+def test_every_training_command_checkpoints_and_resumes(capsys):
+    """train, reflow and distill write a checkpoint every --ckpt-every steps (1000 by default) and take --resume."""
+    for name in ("train", "reflow", "distill"):
+        rc, out, _ = run_cli(capsys, name, "--help")
+        flat = " ".join(out.split())
+        assert rc == 0 and "--ckpt-every N" in flat and "(default: 1000)" in flat and "--resume" in flat, name
+        args = build_parser().parse_args([name, "--ckpt", "x"] if name != "train" else [name])
+        assert (args.ckpt_every, args.resume) == (1000, False), name
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny 1-RF checkpoint (a few steps): enough to exercise every command."""

@@ -231,3 +231,175 @@ def test_so3_from_npy_trains_and_samples_rotations(tmp_path, capsys):
     assert rc == 0, err
     x = torch.from_numpy(np.load(out))
     assert x.shape == (16, 3, 3) and float(M.residual(x).max()) < 1e-4
+
+
+# --- no leakage: the checkpoint records its split, eval refuses to call trained points held out -------------
+
+@pytest.fixture(scope="module")
+def sphere_all_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sphere_all")
+    csv = d / "events.csv"
+    write_latlon_csv(csv, 60, seed=2)
+    ckpt = d / "run"
+    assert main(["train", "--manifold", "sphere2", "--data", str(csv), "--steps", "5", "--out", str(ckpt), *QUICK]) == 0
+    return csv, ckpt
+
+
+def test_the_split_is_reproducible_from_the_checkpoint_alone(sphere_run, sphere_all_run, tmp_path, capsys):
+    csv, ckpt = sphere_run
+    info = json.loads((ckpt / "run.json").read_text())
+    points = load_latlon_csv(info["data"])
+    assert info["split"] == "train" and info["split_seed"] == 3
+    assert info["data_points"] == 60 and info["data_sha256"] == C.points_digest(points)
+    # run.json alone (data, seed, digest) gives the test points eval scores
+    test = C.split_points(points, "test", info["split_seed"])
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 4, "--out", tmp_path / "e.json")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert (res["split"], res["seed"], res["n"], res["trained_split"], res["leak"]) == ("test", 3, test.shape[0],
+                                                                                       "train", False)
+    info_all = json.loads((sphere_all_run[1] / "run.json").read_text())
+    assert info_all["split"] == "all" and info_all["split_seed"] is None and info_all["data_points"] == 60
+
+
+def test_eval_refuses_the_test_split_of_a_model_trained_on_all(sphere_all_run, tmp_path, capsys):
+    csv, ckpt = sphere_all_run
+    for split in ("test", "val"):
+        rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--split", split, "--steps", 4)
+        assert_one_line_error(rc, err, f"--split {split}", "trained on all", "--split train", "--allow-leak")
+    out = tmp_path / "leak.json"
+    rc, stdout, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--split", "test", "--steps", 4, "--allow-leak",
+                              "--out", out)
+    assert rc == 0, err
+    assert "trained on these points" in stdout and "--allow-leak" in err
+    res = json.loads(out.read_text())
+    assert res["leak"] is True and res["trained_split"] == "all" and res["n"] == 6
+    # a checkpoint from before the split was recorded trained on all its points: refused the same way
+    old = json.loads((ckpt / "run.json").read_text())
+    for key in ("split", "split_seed", "data_points", "data_sha256"):
+        old.pop(key)
+    (ckpt / "run.json").write_text(json.dumps(old))
+    try:
+        rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--split", "test", "--steps", 4)
+        assert_one_line_error(rc, err, "trained on all", "--allow-leak")
+    finally:
+        (ckpt / "run.json").write_text(json.dumps({**old, "split": "all", "split_seed": None}))
+
+
+def test_eval_refuses_another_seeds_split_and_other_data_under_the_same_name(sphere_run, tmp_path, capsys):
+    csv, ckpt = sphere_run
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--seed", 4, "--steps", 4)
+    assert_one_line_error(rc, err, "--split test", "seed 3", "--seed 4", "--allow-leak")
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--seed", 3, "--split", "val", "--steps", 4,
+                         "--out", tmp_path / "v.json")
+    assert rc == 0, err
+    # the same file name with other contents: its split is not the held-out part of the training data
+    info = json.loads((ckpt / "run.json").read_text())
+    moved = tmp_path / "events.csv"
+    write_latlon_csv(moved, 60, seed=7)
+    info_path = ckpt / "run.json"
+    original = info_path.read_text()
+    info_path.write_text(json.dumps({**info, "data": str(moved)}))
+    try:
+        rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 4)
+        assert_one_line_error(rc, err, "not the data the checkpoint was trained on", "--allow-leak")
+    finally:
+        info_path.write_text(original)
+
+
+def test_resume_refuses_other_data_or_another_split(tmp_path, capsys):
+    """Resuming on other data (or another split) would train on points the first part held out."""
+    csv = tmp_path / "events.csv"
+    write_latlon_csv(csv, 60, seed=5)
+    out = tmp_path / "r"
+    args = ["train", "--manifold", "sphere2", "--data", csv, "--split", "train", "--steps", 4, "--out", out, *QUICK]
+    rc, _, err = run_cli(capsys, *args, "--seed", 1)
+    assert rc == 0, err
+    original = csv.read_text()
+    write_latlon_csv(csv, 60, seed=6)  # the same file name, other points
+    rc, _, err = run_cli(capsys, *args, "--seed", 1, "--resume")
+    assert_one_line_error(rc, err, "--resume", "split train, seed 1, other data")
+    csv.write_text(original)
+    rc, _, err = run_cli(capsys, *args, "--seed", 2, "--resume")
+    assert_one_line_error(rc, err, "--resume", "seed 1", "seed 2")
+
+
+# --- safe evaluation: the whole split, in batches, points the flow does not reach ---------------------------
+
+def test_eval_scores_the_whole_split_by_default(tmp_path, capsys):
+    csv = tmp_path / "many.csv"
+    write_latlon_csv(csv, 2400, seed=4)
+    ckpt = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", csv, "--steps", 2, "--out", ckpt, *QUICK)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 2, "--batch", 1000)
+    assert rc == 0, err
+    res = json.loads((ckpt / "eval.json").read_text())
+    assert res["split"] == "all" and res["n"] == 2400 and res["n_nonfinite"] == 0
+
+
+class _Escaping(torch.nn.Module):
+    """A flow on H² whose backward solve reaches infinity from every point with ``x_1 > 0`` (see
+    ``tests/test_riemannian.py``); it records the batch sizes it is called with."""
+
+    def __init__(self, H) -> None:
+        super().__init__()
+        self.H, self.sizes = H, []
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t):
+        self.sizes.append(x.shape[0])
+        e1 = torch.zeros_like(x)
+        e1[:, 1] = 1
+        r = torch.sqrt(1 + x[:, 1:2] ** 2)
+        return -((x[:, 1:2] + r) / r) * self.H.proju(x, e1)
+
+
+def test_eval_reports_the_points_the_flow_does_not_reach_and_scores_the_rest(tmp_path, capsys, monkeypatch):
+    from steerflow.manifolds import Hyperbolic
+
+    H = Hyperbolic(2)
+    x1 = torch.tensor([-1.0, -0.5, 0.8, -0.2, 1.5, -2.0, -0.7])
+    pts = H.projx(torch.stack([torch.zeros(7), x1, 0.3 * torch.ones(7)], -1))
+    data = tmp_path / "h2.npy"
+    np.save(data, pts.numpy())
+    model = _Escaping(H)
+    info = C.RunInfo(data=str(data), source="base", path="geodesic", manifold="hyperbolic2",
+                     network={"name": "mlp", "config": {}}, split="all")
+    monkeypatch.setattr(C, "load_flow", lambda *a, **k: C.Loaded(model=model, info=info, directory=tmp_path,
+                                                                  manifold=H))
+    out = tmp_path / "e.json"
+    rc, stdout, err = run_cli(capsys, "eval", "--ckpt", tmp_path, "--steps", 16, "--batch", 3, "--out", out)
+    assert rc == 0, err
+    assert "does not reach 2 of 7 points" in err and "positions in the all split: 2, 4" in err
+    assert max(model.sizes) <= 3
+    res = json.loads(out.read_text())
+    assert res["n"] == 7 and res["n_nonfinite"] == 2 and res["nonfinite_points"] == [2, 4]
+    good = x1 < 0
+    ref = manifold_log_likelihood(model, pts[good], H, steps=16)
+    assert abs(res["nll"] - float(-ref.double().mean())) < 1e-6
+
+
+# --- clear messages ------------------------------------------------------------------------------------------
+
+def test_torus_angles_in_minus_pi_to_pi_are_wrapped_on_load_and_others_refused_with_the_range(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    signed = (np.array([1.0, -2.0]) + 0.3 * rng.standard_normal((40, 2)) + np.pi) % (2 * np.pi) - np.pi
+    data = tmp_path / "signed.npy"
+    np.save(data, signed.astype(np.float32))
+    ckpt = tmp_path / "torus"
+    rc, _, err = run_cli(capsys, "train", "--manifold", "torus2", "--data", data, "--steps", 3, "--out", ckpt, *QUICK)
+    assert rc == 0, err
+    assert "wrapped onto torus2's [0, 2π)" in err
+    rc, _, err = run_cli(capsys, "eval", "--ckpt", ckpt, "--steps", 4)
+    assert rc == 0, err
+    assert json.loads((ckpt / "eval.json").read_text())["n"] == 40
+    np.save(data, np.degrees(signed + np.pi).astype(np.float32))  # degrees in [0, 360)
+    rc, _, err = run_cli(capsys, "train", "--manifold", "torus2", "--data", data, "--out", tmp_path / "d", *QUICK)
+    assert_one_line_error(rc, err, "not on torus2", "expected angles in radians in [0, 2π)", "degrees")
+
+
+def test_unknown_manifold_says_expected_one_of_once(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--manifold", "klein2", "--data", "x.npy", "--out", tmp_path / "x", *QUICK)
+    assert_one_line_error(rc, err, "klein2", "sphere<n>", "sphere2xtorus1")
+    assert err.count("expected one of") == 1

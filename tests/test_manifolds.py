@@ -284,3 +284,30 @@ def test_product_periodic_features_embed_torus_factors_and_keep_the_rest():
     shifted = x.clone()
     shifted[:, 12:] += 2 * math.pi * torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(P.periodic_features(shifted), f, rtol=0, atol=1e-12)
+
+
+# --- the torus's coordinates -------------------------------------------------------------------------
+
+def test_torus_refusal_names_the_expected_range_and_the_way_to_it():
+    T = FlatTorus(2)
+    signed = torch.tensor([[-3.0, 3.1], [0.5, -1.0]])
+    with pytest.raises(ValueError, match=r"expected angles in radians in \[0, 2π\).*got values in \[-3, 3\.1\]"
+                                         r".*FlatTorus\.wrap"):
+        T.check_point(signed)
+    with pytest.raises(ValueError, match="degrees"):
+        T.check_point(torch.tensor([[10.0, 350.0]]))
+
+
+def test_torus_wrap_takes_angles_in_minus_pi_to_pi_to_the_same_points():
+    T = FlatTorus(2)
+    a = torch.rand(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 * math.pi - math.pi
+    a[0] = torch.tensor([-math.pi, math.pi - 1e-12], dtype=torch.float64)
+    x = T.wrap(a)
+    T.check_point(x)
+    torch.testing.assert_close(T.dist(x, a), torch.zeros(64, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(T.wrap(x), x, rtol=0, atol=0)  # [0, 2π) is kept as it is
+    torch.testing.assert_close(T.wrap(torch.tensor([[-math.pi, math.pi]])), torch.full((1, 2), math.pi))  # float32
+    with pytest.raises(ValueError, match=r"\[-π, 2π\].*got values in \[10, 350\].*degrees"):
+        T.wrap(torch.tensor([[10.0, 350.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        T.wrap(torch.tensor([[math.nan, 1.0]]))

@@ -3,6 +3,9 @@ training through the shared ``train``, and the earth-data loaders."""
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +13,8 @@ import torch
 from torch import nn
 
 from steerflow import sample
-from steerflow.data.earth import (EARTH_DATASETS, earth_data_dir, latlon_to_xyz, load_earth, load_latlon_csv,
-                                  random_split, xyz_to_latlon)
+from steerflow.data.earth import (EARTH_DATASETS, latlon_to_xyz, load_earth, load_latlon_csv, random_split,
+                                  xyz_to_latlon)
 from steerflow.manifolds import (SO3, Euclidean, FlatTorus, Hyperbolic, Sphere, TangentVelocity, get_manifold, hat,
                                  manifold_log_likelihood, riemannian_divergence)
 from steerflow.paths import LinearPath
@@ -350,10 +353,56 @@ def test_load_earth_errors_and_split(tmp_path):
     assert sorted(torch.cat(parts).flatten().tolist()) == list(range(100))
 
 
-@pytest.mark.skipif(not (earth_data_dir() / "volerup.csv").exists(), reason="shared earth data not present")
+# all three catalogues (the package ships two): $STEERFLOW_EARTH_DATA, else the repository's ../shared/data/earth
+SHARED_EARTH = Path(os.environ.get("STEERFLOW_EARTH_DATA") or Path(__file__).resolve().parents[2] / "shared/data/earth")
+
+
+@pytest.mark.skipif(not (SHARED_EARTH / "flood.csv").exists(), reason="shared earth data not present")
 def test_load_earth_shared_catalogues():
     sizes = {"volcano": 827, "earthquake": 6120, "flood": 4875}
     for name in EARTH_DATASETS:
-        x = load_earth(name)
+        x = load_earth(name, root=SHARED_EARTH)
         assert x.shape == (sizes[name], 3)
         Sphere(2).check_point(x)
+
+
+# --- points a learned flow does not reach ----------------------------------------------------------
+
+def _escaping_field(H):
+    """``v = -φ(x_1) grad x_1`` with ``φ = (x_1 + sqrt(1 + x_1²)) / sqrt(1 + x_1²)``: backward, ``x_1 = sinh s``
+    moves by ``ds/dτ = e^s``, so from every point with ``x_1 > 0`` it reaches infinity before τ = 1."""
+    def v(x, t):
+        e1 = torch.zeros_like(x)
+        e1[:, 1] = 1
+        r = torch.sqrt(1 + x[:, 1:2] ** 2)
+        return -((x[:, 1:2] + r) / r) * H.proju(x, e1)
+    return v
+
+
+@pytest.mark.parametrize("dtype, method", [(torch.float32, "rk4"), (torch.float64, "rk4"),
+                                           (torch.float64, "dopri5")])
+def test_hyperbolic_points_that_escape_get_minus_inf_and_the_others_are_kept(dtype, method):
+    H = Hyperbolic(2)
+    v = _escaping_field(H)
+    x1 = torch.tensor([-1.0, -0.5, 0.8, 1.5, -2.0, 0.05])
+    x = H.projx(torch.stack([torch.zeros(6), x1, 0.3 * torch.ones(6)], -1)).to(dtype)
+    ode = {"method": method} if method == "dopri5" else {"method": method, "steps": 64}
+    with pytest.warns(RuntimeWarning, match="3 of 6 points left the numeric range of hyperbolic2"):
+        lp = manifold_log_likelihood(v, x, H, **ode)
+    escaping = x1 > 0
+    assert bool((lp[escaping] == -math.inf).all()) and bool(torch.isfinite(lp[~escaping]).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the others alone: nothing escapes
+        alone = manifold_log_likelihood(v, x[~escaping], H, **ode)
+    # a fixed-step solve gives the very same numbers; dopri5 chose its steps for another batch
+    torch.testing.assert_close(lp[~escaping], alone, rtol=0, atol=0 if method == "rk4" else 1e-5)
+
+
+def test_hyperbolic_numeric_range_is_where_the_hyperboloid_is_resolved():
+    H = Hyperbolic(2)
+    at = lambda r, dtype: H.expmap(H.origin(1, dtype=dtype), torch.tensor([[0.0, r, 0.0]], dtype=dtype))
+    assert bool(H.in_numeric_range(at(5.0, torch.float32))) and bool(H.in_numeric_range(at(15.0, torch.float64)))
+    assert not bool(H.in_numeric_range(at(10.0, torch.float32)))
+    assert not bool(H.in_numeric_range(at(20.0, torch.float64)))
+    assert not bool(H.in_numeric_range(torch.tensor([[math.inf, 0.0, 0.0]])))
+    assert Sphere(2).in_numeric_range(Sphere(2).random_base(4, _gen(0))).all()

@@ -282,26 +282,132 @@ def test_same_seed_same_trace_and_different_seed_differs():
 
 
 class _PoisonedData:
-    """Finite batches, then NaN from the ``bad_call``-th draw on."""
+    """Finite batches, then NaN (or ``bad``) from the ``bad_call``-th draw on."""
 
-    def __init__(self, bad_call):
-        self.calls, self.bad_call = 0, bad_call
+    def __init__(self, bad_call, bad=float("nan")):
+        self.calls, self.bad_call, self.bad = 0, bad_call, bad
 
     def sample(self, n, generator):
         self.calls += 1
         x = torch.randn(n, 2, generator=generator)
-        return x * float("nan") if self.calls >= self.bad_call else x
+        if self.calls >= self.bad_call:
+            x[n // 2, 1] = self.bad
+        return x
+
+
+class _PoisonedWeight:
+    """A loss weighting w(t) = 1 that turns NaN from the ``bad_call``-th step on (finite data, NaN loss)."""
+
+    def __init__(self, bad_call):
+        self.calls, self.bad_call = 0, bad_call
+
+    def __call__(self, t):
+        self.calls += 1
+        return torch.full_like(t, float("nan") if self.calls >= self.bad_call else 1.0)
 
 
 def test_non_finite_loss_names_step_and_keeps_checkpoint(tmp_path):
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match="at step 7;.*step 5"):
-        train(MLPVelocity(2, **TINY), _PoisonedData(7), steps=20, batch_size=16, device="cpu", progress=False,
-              log_every=5, ckpt_every=5, out_dir=tmp_path)
+        train(MLPVelocity(2, **TINY), torch.randn(64, 2), steps=20, batch_size=16, device="cpu", progress=False,
+              log_every=5, ckpt_every=5, out_dir=tmp_path, weighting=_PoisonedWeight(7))
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.step == 5
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
     assert torch.isfinite(ckpt.extra["losses"]).all() and ckpt.extra["losses"].shape == (5,)
+
+
+# --- bad data ------------------------------------------------------------------------------------------
+_QUICK = dict(steps=3, batch_size=8, device="cpu", progress=False, seed=0)
+
+
+def test_integer_data_is_converted_to_the_model_dtype():
+    """Integer data trains as the same values in the model's floating-point dtype (a torch-internal
+    'normal_kernel_cpu not implemented' error before)."""
+    ints = torch.randint(-3, 4, (50, 2))
+    runs = []
+    for data in (ints, ints.to(torch.get_default_dtype()), (ints.to(torch.int32), torch.arange(50) % 2)):
+        torch.manual_seed(0)
+        cond = isinstance(data, tuple)
+        runs.append(train(MLPVelocity(2, n_classes=2 if cond else None, **TINY), data, **_QUICK))
+    assert torch.equal(runs[0].losses, runs[1].losses)
+    assert torch.isfinite(runs[2].losses).all()
+
+    class IntSampler:
+        def sample(self, n, generator):
+            return torch.randint(-3, 4, (n, 2), generator=generator, dtype=torch.int16)
+
+    torch.manual_seed(0)
+    assert torch.isfinite(train(MLPVelocity(2, **TINY), IntSampler(), **_QUICK).losses).all()
+    torch.manual_seed(0)
+    double = train(MLPVelocity(2, **TINY).double(), ints, **_QUICK)  # to the model's dtype, here float64
+    assert double.losses.shape == (3,) and next(double.model.parameters()).dtype == torch.float64
+
+
+def test_bool_and_complex_data_are_a_type_error_naming_the_dtype():
+    for data in (torch.rand(20, 2) > 0.5, torch.randn(20, 2, dtype=torch.complex64),
+                 (torch.rand(20, 2) > 0.5, torch.arange(20) % 2)):
+        with pytest.raises(TypeError, match=r"torch\.(bool|complex64)"):
+            train(MLPVelocity(2, **TINY), data, **_QUICK)
+
+    class BoolSampler:
+        def sample(self, n, generator):
+            return torch.rand(n, 2, generator=generator) > 0.5
+
+    with pytest.raises(TypeError, match=r"data\.sample.*torch\.bool"):
+        train(MLPVelocity(2, **TINY), BoolSampler(), **_QUICK)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_data_is_a_value_error_naming_the_data(bad, tmp_path):
+    x = torch.randn(30, 2)
+    x[17, 0] = bad
+    for data in (x, (x, torch.arange(30) % 2)):
+        with pytest.raises(ValueError, match="data tensor holds 1 non-finite value.*sample 17"):
+            train(MLPVelocity(2, n_classes=2, **TINY), data, **_QUICK)
+    # a sampler: the first batch, and each later one, before any step trains on it
+    with pytest.raises(ValueError, match=r"data\.sample.*non-finite.*sample 8 of the batch for step 1"):
+        train(MLPVelocity(2, **TINY), _PoisonedData(1, bad), steps=3, batch_size=16, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"data\.sample.*non-finite.*batch for step 7"):
+        train(MLPVelocity(2, **TINY), _PoisonedData(7, bad), steps=20, batch_size=16, device="cpu",
+              progress=False, log_every=5, ckpt_every=5, out_dir=tmp_path / str(bad))
+    assert load_checkpoint(tmp_path / str(bad)).step == 5  # the last good checkpoint stays
+    # a batch drawn ahead for a background coupling is checked too, and named by its step
+    with pytest.raises(ValueError, match=r"batch for step 4"):
+        train(MLPVelocity(2, **TINY), _PoisonedData(4, bad), steps=10, batch_size=16, device="cpu", progress=False,
+              coupling="exact-ot", coupling_workers=2)
+
+
+def test_a_fresh_run_refuses_a_directory_with_a_log(tmp_path):
+    """A run stopped before its first checkpoint leaves log.jsonl only: a second fresh run must not append to
+    it; resume=True starts over with a clean log."""
+    (tmp_path / "log.jsonl").write_text('{"step": 100, "loss": 1.0}\n')
+    kw = dict(steps=4, batch_size=8, device="cpu", progress=False, log_every=2, out_dir=tmp_path)
+    with pytest.raises(FileExistsError, match="log.jsonl"):
+        train(MLPVelocity(2, **TINY), torch.randn(20, 2), **kw)
+    train(MLPVelocity(2, **TINY), torch.randn(20, 2), resume=True, **kw)
+    assert [json.loads(s)["step"] for s in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_stale_temporary_checkpoint_folders_are_removed(tmp_path):
+    from steerflow.training import remove_stale
+
+    kw = _resume_kwargs(tmp_path)
+    train(_cond_model(), _LabelledData(), stop_at=8, **kw)
+    (tmp_path / ".tmp-step-abc123").mkdir()  # a checkpoint write killed before its rename
+    (tmp_path / ".latest.json.xyz.tmp").write_text("{")
+    # a rewrite of step 8 killed between moving the old folder aside and renaming the new one into place
+    os.rename(tmp_path / "step-00000008", tmp_path / ".old-step-00000008-4242")
+    assert sorted(p.name for p in remove_stale(tmp_path)) == [".latest.json.xyz.tmp", ".tmp-step-abc123"]
+    assert (tmp_path / "step-00000008").is_dir()  # moved back: latest.json points at it
+    (tmp_path / ".tmp-step-def456").mkdir()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 12, "loss": 0.5}\n{"step": 16, "lo')  # lines past the checkpoint, the last one cut by a kill
+    resumed = train(_cond_model(), _LabelledData(), resume=True, **kw)  # train() removes them itself
+    assert resumed.step == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "log.jsonl", "step-00000024"]
+    steps = [json.loads(s)["step"] for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16, 20, 24]
 
 
 def test_train_options_and_errors(tmp_path):

@@ -7,8 +7,10 @@ sample it by default) is kept in ``run.json`` next to the checkpoint written by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +65,50 @@ def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--seed", type=nonneg_int, default=default, help="random seed (same seed, same result)")
 
 
+CKPT_EVERY = 1000
+"""Default of ``--ckpt-every``: a killed run loses at most 1000 steps (seconds for the small MLPs, minutes for a
+U-Net on a CPU), for one checkpoint write per 1000 steps (each replaces the previous one)."""
+
+
+def add_checkpointing(p: argparse.ArgumentParser) -> None:
+    """``--ckpt-every`` and ``--resume`` of the commands that train (``train``, ``reflow``, ``distill``)."""
+    p.add_argument("--ckpt-every", type=nonneg_int, default=CKPT_EVERY, metavar="N",
+                   help="write a checkpoint into --out every N steps and at the end (each replaces the previous "
+                        "one), so a killed run can be continued with --resume; 0: only at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same settings; the result is the "
+                        "one an uninterrupted run gives), or start it over when it stopped before one")
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """``--resume`` needs a run in ``out``; a fresh run must not write into one (its checkpoint or
+    ``log.jsonl``): two runs would share one log. Under ``torchrun`` the log is checked on rank 0, which
+    writes it."""
+    if resume and not out.exists():
+        raise CLIError(f"--resume: no run to resume in {str(out)!r}")
+    if resume:
+        return
+    found = [name for name in ("latest.json", "log.jsonl") if (out / name).exists()
+             and (name != "log.jsonl" or is_main_process())]
+    if found:
+        raise CLIError(f"--out {str(out)!r} already holds a run ({found[0]}); pass --resume to continue it, or "
+                       "choose another --out")
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a ``torchrun`` launch (they train, but print and write nothing)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Torch's global RNG seeded with ``seed`` inside, the caller's state restored after: networks built
+    inside get the same initial weights for the same ``--seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def device_of(name: str) -> torch.device:
     try:
         dev = torch.device(name)
@@ -92,8 +138,10 @@ class RunInfo:
     :func:`steerflow.manifolds.get_manifold`) and ``network`` (``{"name", "config"}`` of the registered
     network wrapped in :class:`~steerflow.manifolds.TangentVelocity`, which has no registry name of its
     own), so :func:`load_flow` rebuilds ``TangentVelocity(build_model(name, **config), M)``; ``split`` /
-    ``split_seed`` say which part of the data it was trained on (``None``: all of it; ``"train"``: the
-    80 % part of the 80/10/10 split drawn with ``split_seed``).
+    ``split_seed`` say which part of the data it was trained on (``"all"`` or ``None``, as runs before the
+    split was recorded: all of it; ``"train"``: the 80 % part of the 80/10/10 split drawn with
+    ``split_seed``), and ``data_points`` / ``data_sha256`` which data that was (:func:`points_digest`), so
+    the split is drawn again from the checkpoint alone and ``eval`` can tell held-out points from trained ones.
     """
 
     data: str | None = None
@@ -110,6 +158,8 @@ class RunInfo:
     network: dict | None = None
     split: str | None = None
     split_seed: int | None = None
+    data_points: int | None = None
+    data_sha256: str | None = None
 
     def save(self, directory: str | os.PathLike) -> None:
         write_json(Path(directory) / RUN_FILE, asdict(self))
@@ -288,14 +338,13 @@ MANIFOLD_EXAMPLES = ("sphere2", "torus2", "so3", "hyperbolic2", "euclidean3", "s
 
 def manifold_of(spec: str):
     """``get_manifold(spec)`` with a one-line error listing the options."""
-    from ..manifolds import MANIFOLDS, get_manifold
+    from ..manifolds import get_manifold
 
     try:
         return get_manifold(spec)
-    except (ValueError, TypeError) as e:
-        names = sorted(k + "<n>" for k in MANIFOLDS if k != "so3") + ["so3"]
-        raise CLIError(f"--manifold {spec!r}: unknown manifold ({_msg(e)}); expected one of {', '.join(names)} "
-                       f"or a product joined by 'x', e.g. {', '.join(MANIFOLD_EXAMPLES)}") from None
+    except (ValueError, TypeError) as e:  # the library's message names the factors; products are added here
+        raise CLIError(f"--manifold {spec!r}: {_msg(e)}; factors join into a product with 'x' (specs such as "
+                       f"{', '.join(MANIFOLD_EXAMPLES)})") from None
 
 
 def load_manifold_data(name: str, manifold) -> torch.Tensor:
@@ -333,6 +382,7 @@ def load_manifold_data(name: str, manifold) -> torch.Tensor:
         raise CLIError(f"--data {name!r}: {_msg(e)}") from None
     if x.ndim < 1 or x.shape[0] < 1:
         raise CLIError(f"--data {name!r}: no points")
+    x = _wrap_torus_angles(name, manifold, x)
     try:
         manifold.check_point(x)
     except ValueError as e:
@@ -340,8 +390,36 @@ def load_manifold_data(name: str, manifold) -> torch.Tensor:
     return x
 
 
+def _wrap_torus_angles(name: str, manifold, x: torch.Tensor) -> torch.Tensor:
+    """Angles in the ``[-π, π)`` convention onto a torus (factor)'s ``[0, 2π)`` (:meth:`FlatTorus.wrap`), with a
+    note; values that are not radians in ``[-π, 2π]`` are left for ``check_point`` to refuse with the range."""
+    from ..manifolds import FlatTorus, Product
+
+    def wrap(m, part):
+        if isinstance(m, FlatTorus):
+            try:
+                return m.wrap(part)
+            except ValueError:
+                return part
+        if isinstance(m, Product) and part.ndim == 2 and part.shape[1] == m.shape[0]:
+            return m.join([wrap(f, p) for f, p in zip(m.factors, m.split(part))])
+        return part
+
+    y = wrap(manifold, x)
+    if y is not x and not torch.equal(y, x):
+        print(f"note: --data {name!r}: angles in [-π, π) wrapped onto {manifold.name}'s [0, 2π)", file=sys.stderr)
+    return y
+
+
 SPLITS = ("all", "train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def points_digest(x: torch.Tensor) -> str:
+    """SHA-256 of the points as float32 bytes in row order: which data a split was drawn from."""
+    import hashlib
+
+    return hashlib.sha256(x.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def split_points(x: torch.Tensor, split: str | None, seed: int) -> torch.Tensor:
@@ -412,14 +490,3 @@ def _load_manifold_flow(d: Path, info: RunInfo, *, ema: bool, device) -> Loaded:
     model.to(device).eval()
     return Loaded(model=model, info=info, directory=d, manifold=manifold)
 
-
-def save_flow(model: torch.nn.Module, directory: str | os.PathLike, info: RunInfo, *, step: int,
-              config: dict[str, Any]) -> Path:
-    """Write ``model`` as a checkpoint (config JSON + safetensors) in ``directory`` and ``run.json`` beside it."""
-    from ..training import save_checkpoint
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(d, model, config=config, step=step)
-    info.save(d)
-    return d

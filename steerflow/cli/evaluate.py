@@ -3,7 +3,10 @@
 For a checkpoint trained with ``--manifold M`` it reports the test negative log-likelihood in nats with
 respect to ``M``'s Riemannian volume, ``-log p_1(x) = -log p_base(x_0) + ∫_0^1 div_g v(x_t, t) dt``
 (:func:`steerflow.manifolds.manifold_log_likelihood`; Chen & Lipman 2024, eq. 7), next to the base
-distribution's NLL (``log 4π = 2.531`` for the uniform distribution on ``S²``).
+distribution's NLL (``log 4π = 2.531`` for the uniform distribution on ``S²``). Every point of ``--split`` is
+scored, ``--batch`` at a time; points whose backward solve leaves ``M``'s numeric range (the flow does not reach
+them: ``log p = -inf``) are counted and named, and the NLL is over the others. ``--split val/test`` of points the
+checkpoint was trained on (it records its split, seed and data in ``run.json``) is refused unless ``--allow-leak``.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +26,7 @@ from . import _common as C
 from .main import CLIError, Command, register
 
 DEFAULT_NFE = ("1", "2", "4", "8", "dopri5")
+DEFAULT_N = 2000
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", nargs="+", type=C.nfe_spec, default=None,
                    help="solver settings: integers are Euler step counts, 'dopri5' is adaptive "
                         f"(default: {' '.join(DEFAULT_NFE)}; 1 for a distilled model)")
-    p.add_argument("--n", type=C.positive_int, default=2000, help="generated and reference samples (W2 is O(n^3)); for a manifold checkpoint, "
-                        "the most data points scored (a random subset beyond that)")
+    p.add_argument("--n", type=C.positive_int, default=None,
+                   help=f"generated and reference samples (default {DEFAULT_N}; W2 is O(n^3)); for a manifold "
+                        "checkpoint, the most data points scored (a random subset beyond that; default: every point "
+                        "of --split)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: <ckpt>/eval.json)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--seed", type=C.nonneg_int, default=None,
@@ -107,11 +114,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     man.add_argument("--split", choices=C.SPLITS, default=None,
                      help="which part of --data to score: the train/val/test part of the random 80/10/10 split "
                           "drawn with --seed, or all (default: test when the checkpoint was trained with "
-                          "--split train, else all)")
+                          "--split train, else all). val/test of points the checkpoint was trained on (a run "
+                          "trained on all, or another seed's split) is refused unless --allow-leak")
+    man.add_argument("--allow-leak", action="store_true",
+                     help="score --split val/test even where the checkpoint was trained on those points (the "
+                          "result is marked as such)")
     man.add_argument("--method", choices=("euler", "midpoint", "heun", "rk4", "dopri5"), default="rk4",
                      help="ODE solver of the likelihood")
     man.add_argument("--steps", type=C.positive_int, default=64, help="solver steps (not for dopri5)")
-    man.add_argument("--batch", type=C.positive_int, default=1024, help="points per likelihood solve")
+    man.add_argument("--batch", type=C.positive_int, default=1024,
+                     help="points per likelihood solve (memory is that of one such solve)")
 
 
 def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
@@ -128,44 +140,98 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
         raise CLIError(f"--data is needed: {args.ckpt!r} does not record its dataset")
     split = args.split or ("test" if info.split == "train" else "all")
     seed = args.seed if args.seed is not None else (info.split_seed if info.split_seed is not None else 0)
-    if split == "train" or (split == "all" and info.split == "train" and data_name == info.data):
+    points = C.load_manifold_data(data_name, M)
+    leak = _leak(info, data_name, points, split, seed)
+    if leak and not args.allow_leak:
+        reason, hint = leak
+        raise CLIError(f"--split {split}: {reason}, so its {split} points are not held out; {hint}, or pass "
+                       "--allow-leak to score them anyway")
+    if leak:
+        print(f"note: --allow-leak: {leak[0]}; the {split} points were trained on", file=sys.stderr)
+    elif split == "train" or (split == "all" and _same_data(info, data_name, points)):
         print(f"note: split {split!r} contains the training points", file=sys.stderr)
-    if (split in ("val", "test") and info.split == "train" and data_name == info.data
-            and info.split_seed is not None and seed != info.split_seed):
-        print(f"note: the checkpoint was trained on the split drawn with seed {info.split_seed}; seed {seed} "
-              "draws another split, whose test points may have been trained on", file=sys.stderr)
-    x = C.split_points(C.load_manifold_data(data_name, M), split, seed)
-    if x.shape[0] > args.n:  # a random subset of n points
-        x = x[torch.randperm(x.shape[0], generator=C.generator(seed + 1))[:args.n]]
+    x = C.split_points(points, split, seed)
+    idx = torch.arange(x.shape[0])  # positions in the split, to name the points that cannot be scored
+    if args.n is not None and x.shape[0] > args.n:  # a random subset of n points
+        idx = torch.randperm(x.shape[0], generator=C.generator(seed + 1))[:args.n]
+        x = x[idx]
     device = next(loaded.model.parameters()).device
     ode = {"method": args.method} if args.method == "dopri5" else {"method": args.method, "steps": args.steps}
     cost = Cost()
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():  # the divergence turns gradients on for x only
-            logp = torch.cat([manifold_log_likelihood(loaded.model, xb.to(device), M, cost=cost, **ode).cpu()
-                              for xb in torch.split(x, args.batch)]).double()
+        with warnings.catch_warnings():  # its count is reported below, with the points' positions
+            warnings.filterwarnings("ignore", message="log_likelihood: ", category=RuntimeWarning)
+            logp = manifold_log_likelihood(loaded.model, x.to(device), M, cost=cost, batch_size=args.batch,
+                                           **ode).cpu().double()
     except RuntimeError as e:
         raise CLIError(f"the likelihood on {M.name} failed ({C._msg(e)})") from None
     sec = time.perf_counter() - t0
-    if not torch.isfinite(logp).all():
-        raise CLIError(f"the log-likelihood is not finite at {int((~torch.isfinite(logp)).sum())} of "
-                       f"{logp.numel()} points (try --method dopri5 or more --steps)")
-    nll = float(-logp.mean())
-    se = float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
+    finite = torch.isfinite(logp)
+    bad = idx[~finite].tolist()
+    if not finite.any():
+        raise CLIError(f"the log-likelihood is not finite at any of the {logp.numel()} points: every backward "
+                       f"solve left {M.name}'s numeric range (try --method dopri5 or more --steps)")
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        print(f"warning: the flow does not reach {len(bad)} of {logp.numel()} points: their backward solve left "
+              f"{M.name}'s numeric range (log p = -inf; positions in the {split} split: {shown}); the NLL below is "
+              f"over the other {int(finite.sum())} (more --steps or --method dopri5 tell a solver artefact from "
+              "a true escape)", file=sys.stderr)
+    scored = logp[finite]
+    nll = float(-scored.mean())
+    se = float(scored.std() / math.sqrt(scored.numel())) if scored.numel() > 1 else 0.0
     base = float(-M.base_log_prob(x.double()).mean())
-    print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} (split {split}, seed {seed})")
+    trained_on = " — trained on these points" if leak else ""
+    print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} "
+          f"(split {split}, seed {seed}{trained_on})")
     solver = args.method if args.method == "dopri5" else f"{args.method}, {args.steps} steps"
     print("\n| model | NLL (nats) |\n|---|---:|")
     print(f"| base distribution of {M.name} | {base:.3f} |")
     print(f"| flow ({solver}) | {nll:.3f} ± {se:.3f} |")
+    if bad:
+        print(f"| points the flow does not reach (log p = -inf, left out above) | {len(bad)} of {logp.numel()} |")
     out = Path(args.out) if args.out else loaded.directory / "eval.json"
     C.write_json(out, {"ckpt": str(args.ckpt), "manifold": M.name, "data": data_name, "split": split, "seed": seed,
+                       "trained_split": info.split or "all", "leak": bool(leak),
                        "n": int(x.shape[0]), "nll": nll, "nll_stderr": se, "base_nll": base,
+                       "n_nonfinite": len(bad), "nonfinite_points": bad,
                        "ode": ode, "nfe": cost.nfe, "seconds": sec,
-                       "units": "nats, w.r.t. the Riemannian volume of the manifold"})
+                       "units": "nats, w.r.t. the Riemannian volume of the manifold; nll over the points with a "
+                                "finite log-likelihood"})
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
+
+
+def _same_data(info: C.RunInfo, data_name: str, points: Tensor) -> bool:
+    """Whether ``points`` are the data the checkpoint was trained on: by their digest when it is recorded,
+    else by name."""
+    if info.data_sha256 is not None:
+        return C.points_digest(points) == info.data_sha256
+    return data_name == info.data
+
+
+def _leak(info: C.RunInfo, data_name: str, points: Tensor, split: str, seed: int) -> tuple[str, str] | None:
+    """``(why, what to do)`` when the ``split`` part (drawn with ``seed``) of ``points`` may hold points the
+    checkpoint was trained on, else None. Only val/test claim to be held out; data other than the training
+    data holds none of its points."""
+    if split not in ("val", "test"):
+        return None
+    if not _same_data(info, data_name, points):
+        if data_name != info.data:
+            return None
+        return (f"{data_name} is not the data the checkpoint was trained on ({points.shape[0]} points now, "
+                f"{info.data_points} then)", "score the data it was trained on")
+    trained = info.split or "all"  # (checkpoints from before the split was recorded trained on all points)
+    if trained == "all":
+        return (f"the checkpoint was trained on all of {data_name} (train --split all)",
+                "train with --split train to hold out val/test points")
+    if info.split_seed is None:
+        return "the checkpoint does not record the seed of its split", "retrain it with --split train --seed S"
+    if seed != info.split_seed:
+        return (f"the checkpoint was trained on the train part of the split drawn with seed {info.split_seed} "
+                f"and --seed {seed} draws another split", f"drop --seed (or pass --seed {info.split_seed})")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,13 +241,16 @@ def run(args: argparse.Namespace) -> int:
     loaded = C.load_flow(args.ckpt, ema=args.ema, device=device, allow_manifold=True)
     if loaded.manifold is not None:
         return run_manifold(args, loaded)
-    if args.split is not None:
-        raise CLIError("--split applies to manifold checkpoints only")
+    if args.split is not None or args.allow_leak:
+        flag = "--split" if args.split is not None else "--allow-leak"
+        raise CLIError(f"{flag} applies to manifold checkpoints only")
     if args.seed is None:
         args.seed = 0
     data_name = args.data or loaded.info.data
     if data_name is None:
         raise CLIError(f"--data is needed: {args.ckpt!r} does not record its dataset")
+    if args.n is None:
+        args.n = DEFAULT_N
     dataset = C.load_data(data_name)
     event_shape = tuple(loaded.model.event_shape)
     g = C.generator(args.seed)

@@ -57,8 +57,10 @@ def plot_sphere_map(out: str, *, samples=None, data=None, density=None, title: s
     ax = fig.add_subplot(1, 1, 1, projection="mollweide")
     if density is not None:
         lon_g, lat_g, logp = density
-        mesh = ax.pcolormesh(lon_g, lat_g, logp, cmap="viridis", shading="auto",
-                             vmin=float(np.quantile(logp, 0.02)), rasterized=True)
+        finite = np.isfinite(logp)  # cells the flow does not reach (log p = -inf) are left blank
+        logp = np.where(finite, logp, np.nan)
+        vmin = float(np.quantile(logp[finite], 0.02)) if finite.any() else None
+        mesh = ax.pcolormesh(lon_g, lat_g, logp, cmap="viridis", shading="auto", vmin=vmin, rasterized=True)
         cb = fig.colorbar(mesh, ax=ax, shrink=0.6, pad=0.03)
         cb.set_label("log p (nats / sr)")
     if data is not None:
@@ -87,9 +89,8 @@ def _density_grid(loaded, n_lat: int = 36, n_lon: int = 72, batch: int = 2048):
     LAT, LON = torch.meshgrid(lat, lon, indexing="ij")
     x = latlon_to_xyz(LAT.reshape(-1), LON.reshape(-1))
     device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        logp = torch.cat([manifold_log_likelihood(loaded.model, xb.to(device), loaded.manifold, method="rk4",
-                                                  steps=24).cpu() for xb in torch.split(x, batch)])
+    logp = manifold_log_likelihood(loaded.model, x.to(device), loaded.manifold, method="rk4", steps=24,
+                                   batch_size=batch).cpu()
     return torch.deg2rad(LON).numpy(), torch.deg2rad(LAT).numpy(), logp.reshape(n_lat, n_lon).numpy()
 
 

@@ -28,6 +28,7 @@ def _common_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="load the teacher's EMA weights when present")
     C.add_seed(p)
+    C.add_checkpointing(p)
     C.add_device(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -84,24 +85,36 @@ def _pair_steps(args) -> int | None:
     return args.pair_steps or 100
 
 
+def _checkpoints(args: argparse.Namespace, out: Path, config: dict):
+    """Where and how often the fit checkpoints (``--ckpt-every``, ``--resume``); the last checkpoint is the
+    command's result, with ``config`` as its settings."""
+    from ..straighten._fit import FitCheckpoints
+
+    return FitCheckpoints(out, config, every=args.ckpt_every or None, resume=args.resume)
+
+
 def run_reflow(args: argparse.Namespace) -> int:
     from ..straighten import reflow
 
     device = C.device_of(args.device)
     teacher = C.load_flow(args.ckpt, ema=args.ema, device=device)
     source = C.source_sampler(teacher.info.source, tuple(teacher.model.event_shape))
-    res = reflow(teacher.model, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args), method=args.pair_method,
-                 train_steps=args.steps, batch_size=args.batch, lr=args.lr, iterations=args.iterations,
-                 path=teacher.info.path, seed=args.seed, progress=not args.quiet)
-    k = teacher.info.k + args.iterations
     out = Path(args.out)
+    C.check_out(out, args.resume)
+    k = teacher.info.k + args.iterations
     info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="reflow", coupling=teacher.info.coupling,
                      path=teacher.info.path, k=k, parent=str(teacher.directory))
-    C.save_flow(res.model, out, info, step=args.steps * args.iterations,
-                config={"command": "reflow", "teacher": str(teacher.directory), "n_pairs": args.n_pairs,
-                        "pair_method": args.pair_method, "pair_steps": _pair_steps(args), "steps": args.steps,
-                        "batch_size": args.batch, "lr": args.lr, "iterations": args.iterations, "seed": args.seed})
+    config = {"command": "reflow", "teacher": str(teacher.directory), "n_pairs": args.n_pairs,
+              "pair_method": args.pair_method, "pair_steps": _pair_steps(args), "steps": args.steps,
+              "batch_size": args.batch, "lr": args.lr, "iterations": args.iterations, "seed": args.seed}
+    if not args.resume:  # (a resumed run's is kept until its settings are checked)
+        info.save(out)  # before training, so an interrupted run's checkpoint loads with its provenance
+    res = reflow(teacher.model, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args), method=args.pair_method,
+                 train_steps=args.steps, batch_size=args.batch, lr=args.lr, iterations=args.iterations,
+                 path=teacher.info.path, seed=args.seed, progress=not args.quiet,
+                 checkpoints=_checkpoints(args, out, config))
     res.pairs.save(out / PAIRS_FILE)
+    info.save(out)
     print(f"{k}-rectified flow trained on {len(res.pairs)} pairs for {args.steps} steps x {args.iterations}; "
           f"final loss {res.fits[-1].final_loss:.4g}; checkpoint in {out}", file=sys.stderr)
     return 0
@@ -116,7 +129,9 @@ def _student(args: argparse.Namespace, event_shape: tuple[int, ...], teacher):
     if getattr(teacher, "label_embed", None) is not None:
         raise CLIError("a fresh --student is unconditional; the teacher is class-conditional: use --student copy")
     extra = {"bounded": args.student_bounded} if args.student == "mlp-endpoint" else {}
-    return build_model(args.student, dim=math.prod(event_shape), hidden=args.student_width, depth=args.student_depth, **extra)
+    with C.seeded(args.seed):  # initial weights from --seed, the caller's RNG untouched
+        return build_model(args.student, dim=math.prod(event_shape), hidden=args.student_width,
+                           depth=args.student_depth, **extra)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -166,35 +181,43 @@ def run_distill(args: argparse.Namespace) -> int:
     student = _student(args, event_shape, teacher.model)
     if student is not None:
         student = student.to(device)
+    out = Path(args.out)
+    C.check_out(out, args.resume)
+    info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="distilled",
+                     coupling=teacher.info.coupling, path=teacher.info.path, k=teacher.info.k,
+                     parent=str(teacher.directory), default_steps=1, default_method="euler")
+    config = {"command": "distill", "teacher": str(teacher.directory),
+              "n_pairs": len(pairs) if pairs is not None else args.n_pairs,
+              "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
+              "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
+              "seed": args.seed, "match": args.match, "match_weight": args.match_weight,
+              "regression_weight": reg, "match_memory": args.match_memory, "student": args.student,
+              "sliced_weight": args.sliced_weight, "sliced_memory": args.sliced_memory,
+              "warm_steps": args.warm_steps,
+              **({} if args.student == "copy" else
+                 {"student_width": args.student_width, "student_depth": args.student_depth,
+                  "student_bounded": args.student_bounded})}
+    checkpoints = _checkpoints(args, out, config)
+    if not args.resume:  # (a resumed run's is kept until its settings are checked)
+        info.save(out)  # before training, so an interrupted run's checkpoint loads with its provenance
     try:
-        if args.warm_steps:  # regression onto the teacher's pairs alone, then matching on the same pairs
-            warm = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
-                           method=args.pair_method, train_steps=args.warm_steps, batch_size=args.batch, lr=args.lr,
-                           seed=args.seed, progress=not args.quiet, model=student)
-            pairs, student = warm.pairs, warm.model
+        if args.warm_steps:  # regression onto the teacher's pairs alone (fit 0), then matching on the same pairs
+            warm_ck, checkpoints = checkpoints.at(0, 0), checkpoints.at(1, args.warm_steps)
+            if not warm_ck.finished_before():  # (resumed in the matching phase: its checkpoint holds the pairs)
+                warm = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs,
+                               steps=_pair_steps(args), method=args.pair_method, train_steps=args.warm_steps,
+                               batch_size=args.batch, lr=args.lr, seed=args.seed, progress=not args.quiet,
+                               model=student, checkpoints=warm_ck)
+                pairs, student = warm.pairs, warm.model
         res = distill(teacher.model, pairs=pairs, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args),
                       method=args.pair_method, train_steps=args.steps - args.warm_steps, batch_size=batch, lr=args.lr,
                       seed=args.seed + (1 if args.warm_steps else 0), progress=not args.quiet, match=args.match,
                       data=data, match_weight=args.match_weight, regression_weight=reg, match_batch_size=match_batch,
                       match_memory=args.match_memory, sliced_weight=args.sliced_weight,
-                      sliced_memory=args.sliced_memory, model=student)
+                      sliced_memory=args.sliced_memory, model=student, checkpoints=checkpoints)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    out = Path(args.out)
-    info = C.RunInfo(data=teacher.info.data, source=teacher.info.source, kind="distilled",
-                     coupling=teacher.info.coupling, path=teacher.info.path, k=teacher.info.k,
-                     parent=str(teacher.directory), default_steps=1, default_method="euler")
-    C.save_flow(res.model, out, info, step=args.steps,
-                config={"command": "distill", "teacher": str(teacher.directory), "n_pairs": len(res.pairs),
-                        "pairs": str(pairs_path) if pairs is not None else None, "pair_method": args.pair_method,
-                        "steps": args.steps, "batch_size": batch, "match_batch_size": match_batch, "lr": args.lr,
-                        "seed": args.seed, "match": args.match, "match_weight": args.match_weight,
-                        "regression_weight": reg, "match_memory": args.match_memory, "student": args.student,
-                        "sliced_weight": args.sliced_weight, "sliced_memory": args.sliced_memory,
-                        "warm_steps": args.warm_steps,
-                        **({} if args.student == "copy" else
-                           {"student_width": args.student_width, "student_depth": args.student_depth,
-                            "student_bounded": args.student_bounded})})
+    info.save(out)
     print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
           f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
     return 0
@@ -202,7 +225,11 @@ def run_distill(args: argparse.Namespace) -> int:
 
 register(Command("reflow", "rectify a trained flow: train a (k+1)-RF on the pairs of a k-RF", configure_reflow,
                  run_reflow, description="Reflow (Liu et al. 2022): x_1 = ODE(x_0) pairs, then flow matching on them.\n"
-                                         "Example:  steerflow reflow --ckpt runs/1rf --out runs/2rf"))
+                                         "Example:  steerflow reflow --ckpt runs/1rf --out runs/2rf\n"
+                                         "A killed run continues from its last checkpoint (--ckpt-every): the same "
+                                         "command with --resume"))
 register(Command("distill", "distil a flow into a one-step generator x_1 = x_0 + v(x_0, 0)", configure_distill,
                  run_distill, description="One-step distillation by L2 regression on the flow's pairs.\n"
-                                          "Example:  steerflow distill --ckpt runs/2rf --out runs/1step"))
+                                          "Example:  steerflow distill --ckpt runs/2rf --out runs/1step\n"
+                                          "A killed run continues from its last checkpoint (--ckpt-every): the "
+                                          "same command with --resume"))

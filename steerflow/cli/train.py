@@ -41,7 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule")
     p.add_argument("--ema", type=C.unit_float, default=0.999, help="EMA decay of the weights (0 disables)")
     C.add_seed(p)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    C.add_checkpointing(p)
     p.add_argument("--source", default="normal", help="source distribution: normal, or a toy name (e.g. 8gaussians)")
     C.add_device(p)
     p.add_argument("--path", choices=PATH_CHOICES, default="linear",
@@ -130,7 +130,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
                        "on ambient coordinates projected onto the tangent space (--model mlp)")
     device = C.device_of(args.device)
     points = C.load_manifold_data(args.data, manifold)
-    split = None if args.split == "all" else args.split
+    split = args.split
     x_1 = C.split_points(points, split, args.seed)
     config = {"dim": manifold.ambient_dim}
     if args.hidden is not None:
@@ -139,39 +139,40 @@ def _run_manifold(args: argparse.Namespace) -> int:
     embed = {"embed": kind} if kind else {}
     if embed:  # (cos θ, sin θ) per angle in, the ambient velocity out
         config["in_dim"] = manifold.periodic_features(torch.zeros(1, *manifold.shape)).shape[1]  # (width only)
-    with torch.random.fork_rng(devices=[]):  # initial weights from --seed, the caller's RNG untouched
-        torch.manual_seed(args.seed)
+    with C.seeded(args.seed):  # initial weights from --seed, the caller's RNG untouched
         model = C.build_manifold_model(manifold, {"name": "mlp", "config": config, **embed})
     network = {"name": "mlp", "config": dict(model.model.config), **embed}
     out = Path(args.out)
-    _check_out(out, args.resume)
+    C.check_out(out, args.resume)
     info = C.RunInfo(data=args.data, source="base", kind="flow", coupling="independent", path="geodesic",
                      default_steps=100, default_method="euler", manifold=manifold.name, network=network,
-                     split=split, split_seed=args.seed if split is not None else None)
+                     split=split, split_seed=args.seed if split != "all" else None,
+                     data_points=int(points.shape[0]), data_sha256=C.points_digest(points))
     if args.resume:
         old = C.RunInfo.load(out)
-        if (old.manifold, old.network, old.split) != (info.manifold, info.network, info.split):
+        old_split, new_split = (old.split or "all", old.split_seed), (info.split, info.split_seed)
+        same_data = old.data_sha256 in (None, info.data_sha256)
+        if (old.manifold, old.network, old_split) != (info.manifold, info.network, new_split) or not same_data:
+            # (another split or other data would train on points the first part held out)
             raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
-                           f"(split {old.split}), but this run builds {network} on {manifold.name} (split {split})")
-    info.save(out)  # before training, so an interrupted run can be loaded and resumed
+                           f"({_split_words(*old_split)}{'' if same_data else ', other data'}), but this run "
+                           f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
+    if C.is_main_process() and not args.resume:
+        info.save(out)  # before training, so an interrupted run can be loaded and resumed
     res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold),
                 steps=args.steps, batch_size=args.batch, lr=args.lr, schedule=args.schedule,
                 ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out, resume=args.resume,
-                progress=not args.quiet)
+                progress=not args.quiet, ckpt_every=args.ckpt_every or None)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
-    info.save(out)
-    print(f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on {x_1.shape[0]} points "
-          f"of {args.data} ({args.split}); final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
+    if C.is_main_process():
+        info.save(out)
+        print(f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on {x_1.shape[0]} points "
+              f"of {args.data} ({args.split}); final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
     return 0
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """``--resume`` needs a checkpoint in ``out``; a fresh run must not overwrite one."""
-    if resume and not out.exists():
-        raise CLIError(f"--resume: no checkpoint to resume in {str(out)!r}")
-    if not resume and (out / "latest.json").exists():
-        raise CLIError(f"--out {str(out)!r} already holds a checkpoint; pass --resume to continue it, or choose "
-                       "another --out")
+def _split_words(split: str, seed: int | None) -> str:
+    return f"split {split}" + (f", seed {seed}" if seed is not None else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,27 +192,34 @@ def run(args: argparse.Namespace) -> int:
         else:
             classes = getattr(dataset, "classes", None)
             n_classes = len(classes) if classes else int(dataset.labels.max()) + 1
-    model = build(args.model, event_shape, args.hidden, n_classes)
+    with C.seeded(args.seed):  # initial weights from --seed, the caller's RNG untouched
+        model = build(args.model, event_shape, args.hidden, n_classes)
     source = C.source_sampler(args.source, event_shape)
     out = Path(args.out)
-    _check_out(out, args.resume)
-    if args.resume:
+    C.check_out(out, args.resume)
+    if args.resume and (out / "latest.json").exists():
         _check_resume(out, model)
     coupling = None if args.coupling == "independent" else args.coupling  # independent: no re-pairing
+    info = C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling, path=args.path)
+    if C.is_main_process() and not args.resume:  # (a resumed run's is kept until its settings are checked)
+        info.save(out)  # before training, so an interrupted run's checkpoint samples from the right source
     res = train(model, dataset, source=source, coupling=coupling, path=args.path, steps=args.steps,
                 batch_size=args.batch, lr=args.lr, schedule=args.schedule, ema_decay=args.ema or None,
                 seed=args.seed, device=device, out_dir=out, resume=args.resume, progress=not args.quiet,
-                coupling_workers=C.coupling_workers(args.coupling_workers, coupling))
+                coupling_workers=C.coupling_workers(args.coupling_workers, coupling),
+                ckpt_every=args.ckpt_every or None)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
-    C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling,
-              path=args.path).save(out)
-    print(f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
-          f"final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
+    if C.is_main_process():
+        info.save(out)
+        print(f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
+              f"final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
     return 0
 
 
 register(Command("train", "train a flow-matching model (I-CFM / 1-RF, OT-CFM, Sinkhorn-CFM)", configure, run,
                  description="Train a velocity field v(x, t) by conditional flow matching.\n"
                              "Example:  steerflow train --data moons --coupling exact-ot --steps 5000 --out runs/ot\n"
+                             "A killed run continues where its last checkpoint (--ckpt-every) left it:  "
+                             "the same command with --resume\n"
                              "On the sphere:  steerflow train --manifold sphere2 --data volcano --split train "
                              "--seed 0 --out runs/volcano"))

@@ -6,8 +6,9 @@ literature (Mathieu & Nickel 2020; De Bortoli et al. 2022; Chen & Lipman 2024). 
 
     ``x = cos(lat) cos(lon)``, ``y = cos(lat) sin(lon)``, ``z = sin(lat)``.
 
-Files are read from a local folder (no downloads): ``root`` if given, else ``$STEERFLOW_EARTH_DATA``,
-else ``../shared/data/earth`` next to the project root.
+Nothing is downloaded. ``volcano`` and ``earthquake`` (NOAA catalogues, US public domain) ship inside the
+package (``steerflow/data/earth_data``, with their sources in ``SOURCE.md``); ``flood`` states no licence and
+is not shipped: put ``flood.csv`` in a folder named by ``$STEERFLOW_EARTH_DATA`` (or pass ``root=``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ from torch import Tensor
 
 EARTH_DATASETS: dict[str, str] = {"volcano": "volerup.csv", "earthquake": "quakes_all.csv", "flood": "flood.csv"}
 """Dataset name → file name in the data folder."""
+
+EARTH_SOURCES: dict[str, str] = {
+    "volcano": "NOAA NCEI's Global Significant Volcanic Eruptions Database (doi:10.7289/V5JW8BSH)",
+    "earthquake": "NOAA NCEI's Global Significant Earthquake Database (doi:10.7289/V5TD9V7K)",
+    "flood": "the Dartmouth Flood Observatory (floodobservatory.colorado.edu/Archives; the catalogue used in the "
+             "literature is in the data/ folder of github.com/oxcsml/riemannian-score-sde)",
+}
+"""Dataset name → where the catalogue comes from."""
+
+PACKAGED_EARTH_DIR = Path(__file__).resolve().parent / "earth_data"
+"""The catalogues shipped with steerflow: ``volcano`` and ``earthquake`` (US public-domain works)."""
+
+EARTH_ENV = "STEERFLOW_EARTH_DATA"
 
 _LAT_NAMES = ("lat", "latitude")
 _LON_NAMES = ("lon", "long", "longitude", "lng")
@@ -146,32 +160,57 @@ def _columns(header: list[str] | None, lat_col, lon_col, path: Path) -> tuple[in
 
 
 def earth_data_dir(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the catalogues: ``root``, ``$STEERFLOW_EARTH_DATA`` or ``<project>/../shared/data/earth``."""
+    """The folder holding the catalogues: ``root``, else ``$STEERFLOW_EARTH_DATA``, else the folder shipped
+    inside the package (:data:`PACKAGED_EARTH_DIR`, which holds ``volcano`` and ``earthquake`` only)."""
     if root is not None:
         return Path(root)
-    env = os.environ.get("STEERFLOW_EARTH_DATA")
+    env = os.environ.get(EARTH_ENV)
+    return Path(env) if env else PACKAGED_EARTH_DIR
+
+
+def earth_file(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The CSV file of catalogue ``name``: ``<root>/<file>`` when ``root`` is given; else the copy shipped with
+    steerflow (``volcano``, ``earthquake``); else ``$STEERFLOW_EARTH_DATA/<file>``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`EARTH_DATASETS`.
+        FileNotFoundError: the file is not there; the one-line message says where the catalogue comes from.
+    """
+    if name not in EARTH_DATASETS:
+        raise ValueError(f"unknown earth dataset {name!r}; expected one of {sorted(EARTH_DATASETS)}")
+    file, source = EARTH_DATASETS[name], EARTH_SOURCES[name]
+    if root is not None:
+        path = Path(root) / file
+        if not path.is_file():
+            raise FileNotFoundError(f"earth catalogue {name!r}: no {file} in {str(root)!r}; it comes from {source}")
+        return path
+    packaged = PACKAGED_EARTH_DIR / file
+    if packaged.is_file():
+        return packaged
+    env = os.environ.get(EARTH_ENV)
     if env:
-        return Path(env)
-    project = Path(__file__).resolve().parents[2]
-    return project.parent / "shared" / "data" / "earth"
+        path = Path(env) / file
+        if not path.is_file():
+            raise FileNotFoundError(f"earth catalogue {name!r}: no {file} in {env!r} (from {EARTH_ENV}); download "
+                                    f"it from {source} into that folder")
+        return path
+    raise FileNotFoundError(f"earth catalogue {name!r} is not shipped with steerflow (its source states no "
+                            f"licence): download {file} from {source} and set {EARTH_ENV} to the folder holding it")
 
 
 def load_earth(name: str, root: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Load ``volcano`` (827), ``earthquake`` (6,120) or ``flood`` (4,875) as unit vectors (n, 3).
 
-    ``name`` may also be a path to a CSV file. ``root`` is the folder with the catalogues (see
-    :func:`earth_data_dir`).
+    ``name`` may also be a path to a CSV file. ``root`` is a folder holding the catalogue's file; without it
+    ``volcano`` and ``earthquake`` come from the copies shipped with steerflow and ``flood`` from
+    ``$STEERFLOW_EARTH_DATA`` (see :func:`earth_file`; sources in :data:`EARTH_SOURCES`).
     """
     if name not in EARTH_DATASETS:
         p = Path(name)
         if p.suffix.lower() == ".csv" or p.is_file():
             return load_latlon_csv(p, dtype=dtype)
         raise ValueError(f"unknown earth dataset {name!r}; expected one of {sorted(EARTH_DATASETS)} or a CSV path")
-    path = earth_data_dir(root) / EARTH_DATASETS[name]
-    if not path.is_file():
-        raise FileNotFoundError(f"earth dataset {name!r} not found at {str(path)!r}; pass root= (the folder with "
-                                f"{EARTH_DATASETS[name]}) or set STEERFLOW_EARTH_DATA")
-    return load_latlon_csv(path, dtype=dtype)
+    return load_latlon_csv(earth_file(name, root), dtype=dtype)
 
 
 def random_split(x: Tensor, fractions: tuple[float, ...] = (0.8, 0.1, 0.1),

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from ..solvers.likelihood import in_numeric_range
+
 _TINY = 1e-30
 
 
@@ -117,6 +119,13 @@ class AbstractManifold(ABC):
         """Lower the index: ``G_x u`` so that ``inner(x, u, w) = (G_x u) · w`` (identity by default)."""
         return u
 
+    def in_numeric_range(self, x: Tensor) -> Tensor:
+        """(b,) True where ``x`` lies in the range this manifold's formulas resolve in ``x.dtype``. Default:
+        finite coordinates at most ``finfo.max ** (1/4)`` in size
+        (:func:`steerflow.solvers.likelihood.in_numeric_range`). A likelihood solve freezes a point that
+        leaves it and gives it ``-inf``."""
+        return in_numeric_range(x)
+
     def norm(self, x: Tensor, u: Tensor) -> Tensor:
         """``|u|_x = sqrt⟨u, u⟩_x``; shape (b,)."""
         return torch.sqrt(torch.clamp_min(self.inner(x, u, u), 0.0))
@@ -151,7 +160,14 @@ class AbstractManifold(ABC):
             atol = 1e-8 if x.dtype == torch.float64 else 1e-4
         r = self.residual(x).detach()
         if not torch.isfinite(r).all() or (r > atol).any():
-            raise ValueError(f"points are not on {self.name}: max residual {float(r.max()):.3g} > atol={atol:g}")
+            hint = self.describe_points(x.detach())
+            raise ValueError(f"points are not on {self.name}: max residual {float(r.max()):.3g} > atol={atol:g}"
+                             + (f"; {hint}" if hint else ""))
+
+    def describe_points(self, x: Tensor) -> str:
+        """What this manifold's points look like, said of the points ``x`` that :meth:`check_point` refused
+        (e.g. the torus's angle range and the values found); empty by default."""
+        return ""
 
     def check_tangent(self, x: Tensor, u: Tensor, atol: float | None = None) -> None:
         """Raise ``ValueError`` unless ``u`` is tangent at ``x``: ``|u - proju(x, u)|_∞ ≤ atol (1 + |x|_∞ |u|_∞)``

@@ -101,6 +101,19 @@ class Hyperbolic(AbstractManifold):
     def residual(self, x: Tensor) -> Tensor:
         return (minkowski(x, x) + 1).abs() / (1 + x[..., 0] ** 2) + torch.clamp_min(-x[..., 0], 0.0)
 
+    def describe_points(self, x: Tensor) -> str:
+        return ("expected points on the upper sheet x_0 = sqrt(1 + |x_{1:}|²) of the hyperboloid (Lorentz model); "
+                "Hyperbolic.projx lifts the coordinates x_{1:} onto it")
+
+    def in_numeric_range(self, x: Tensor) -> Tensor:
+        """``x_0² · eps ≤ 1`` (``eps`` of ``x.dtype``): the hyperboloid equation ``x_0² - |x_{1:}|² = 1`` is still
+        resolved, i.e. ``d(o, x) ≲ 8.7`` in float32 and ``≲ 18.7`` in float64. Beyond it ``proju`` cancels terms of
+        size ``x_0²`` and tangent vectors lose every digit; a flow run backward that gets there is escaping
+        to infinity."""
+        x = x.detach()
+        x0 = x[..., 0]
+        return torch.isfinite(x).all(-1) & (x0 * x0 * torch.finfo(x.dtype).eps <= 1)
+
     def geodesic_velocity(self, x: Tensor, u: Tensor, t: Tensor) -> Tensor:
         """``d/dt exp_x(t u) = |u| sinh(t|u|) x + cosh(t|u|) u``."""
         r = torch.sqrt(torch.clamp_min(minkowski(u, u, keepdim=True), 1e-30))

@@ -74,6 +74,48 @@ class FlatTorus(AbstractManifold):
     def geodesic_velocity(self, x: Tensor, u: Tensor, t: Tensor) -> Tensor:
         return u
 
+    def wrap(self, x: Tensor) -> Tensor:
+        """Angles in radians in ``[-π, 2π]`` — the ``[-π, π)`` convention as well as ``[0, 2π)`` — as points of
+        the torus, in ``[0, 2π)`` (``x mod 2π``).
+
+        Raises:
+            ValueError: a value outside ``[-π, 2π]`` or NaN (degrees, or another convention), with the range found.
+        """
+        x = torch.as_tensor(x)
+        if not _wrappable(x):
+            raise ValueError(f"cannot wrap onto {self.name}: expected angles in radians in [-π, 2π], "
+                             f"{_found(x)}{_degrees_hint(x)}")
+        return self.projx(x)
+
+    def describe_points(self, x: Tensor) -> str:
+        """The expected range ``[0, 2π)`` next to the values found, and how to map what was found there."""
+        how = "; angles in [-π, π) map there with FlatTorus.wrap (x mod 2π)" if _wrappable(x) else _degrees_hint(x)
+        return f"expected angles in radians in [0, 2π) = [0, {TWO_PI:.4f}), {_found(x)}{how}"
+
     def periodic_features(self, x: Tensor) -> Tensor:
         """``(cos x, sin x)``: shape ``(b, 2n)``, a continuous embedding of ``Tⁿ`` for network inputs."""
         return torch.cat([torch.cos(x), torch.sin(x)], dim=-1)
+
+
+_SLACK = 1e-6  # float32 rounds ±π and 2π outward by up to 2.4e-7
+
+
+def _wrappable(x: Tensor) -> bool:
+    """Every value in ``[-π, 2π]`` (NaN is not)."""
+    return bool(((x >= -math.pi - _SLACK) & (x <= TWO_PI + _SLACK)).all())
+
+
+def _found(x: Tensor) -> str:
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return "got no finite values"
+    nonfinite = x.numel() - finite.numel()
+    return (f"got values in [{float(finite.min()):.4g}, {float(finite.max()):.4g}]"
+            + (f" and {nonfinite} NaN/inf" if nonfinite else ""))
+
+
+def _degrees_hint(x: Tensor) -> str:
+    finite = x[torch.isfinite(x)]
+    if finite.numel() and float(finite.abs().max()) > TWO_PI and float(finite.abs().max()) <= 360.0:
+        return " (degrees? radians = degrees · π/180)"
+    return ""

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._fit import FitResult, check_fit_args, fit_pairs
+from ._fit import FitCheckpoints, FitResult, check_fit_args, fit_pairs
 from .matching import GENERATED_PER_DATA, get_matching_loss, sliced_w2_loss
 from .reflow import Pairs, _model_device_dtype, as_source, generate_pairs
 
@@ -195,6 +195,7 @@ def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, r
             total = total + regression_weight * ((x_hat - x_1) ** 2).mean()
         return total
 
+    loss.memory = recent  # the data batches kept between steps: checkpointed by fit_pairs
     return loss
 
 
@@ -210,7 +211,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             seed: int | None = None, cosine: bool = True, progress: bool = False, match: str | None = None,
             data: Any = None, match_weight: float = 1.0, regression_weight: float = 1.0,
             match_batch_size: int | None = None, match_memory: int = 1, sliced_weight: float = 0.0,
-            sliced_memory: int = 16, sliced_projections: int = 64) -> DistillResult:
+            sliced_memory: int = 16, sliced_projections: int = 64,
+            checkpoints: FitCheckpoints | None = None) -> DistillResult:
     """Distil a flow into a one-step generator by L2 regression on its ODE pairs (plus, optionally, matching).
 
     Loss per minibatch of pairs: ``w_reg · || T_θ(x_0) - x_1 ||²`` (Liu et al. 2022, §2.3), plus, with
@@ -242,6 +244,8 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             e.g. to fine-tune a student already distilled by regression, passed as ``model``; without
             ``pairs`` only ``x_0`` is drawn from ``source`` — no teacher ODE is solved — and the returned
             ``pairs.x_1`` is a copy of ``x_0``).
+        checkpoints: a :class:`~steerflow.straighten._fit.FitCheckpoints`: a log and checkpoints in its
+            directory; with ``resume`` the fit continues on the pairs stored with the checkpoint, bit for bit.
 
     Returns:
         :class:`DistillResult`; sample with ``one_step(result.model, x_0)``.
@@ -266,6 +270,9 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
                                         sliced_memory=sliced_memory, sliced_projections=sliced_projections)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    stored = checkpoints.stored_pairs() if checkpoints is not None else None
+    if stored is not None:  # resumed inside this fit: its pairs, not new ones
+        pairs = Pairs(*stored)
     if pairs is None:
         if v_or_model is None or source is None:
             raise ValueError("distill needs pairs=, or a teacher flow and source= to generate them")
@@ -292,5 +299,5 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     fit = fit_pairs(model, pairs.x_0, pairs.x_1, loss_fn, steps=train_steps, batch_size=batch_size, lr=lr,
-                    generator=generator, cosine=cosine, progress=progress, what="distill")
+                    generator=generator, cosine=cosine, progress=progress, what="distill", checkpoints=checkpoints)
     return DistillResult(model=model.eval(), pairs=pairs, fit=fit)

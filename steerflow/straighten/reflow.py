@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..paths import AffinePath, get_path
 from ..solvers import sample
 from ..training.loss import flow_matching_loss
-from ._fit import FitResult, check_fit_args, fit_pairs
+from ._fit import FitCheckpoints, FitResult, check_fit_args, fit_pairs
 
 __all__ = ["Pairs", "ReflowResult", "as_source", "generate_pairs", "pairs_flow_loss", "fit_flow", "reflow"]
 
@@ -180,19 +180,21 @@ def pairs_flow_loss(path: AffinePath) -> Callable[[nn.Module, Tensor, Tensor, to
 
 def fit_flow(model: nn.Module, pairs: Pairs, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
              path: str | AffinePath = "linear", generator: torch.Generator | None = None, cosine: bool = True,
-             progress: bool = False) -> FitResult:
-    """Train ``model`` in place by flow matching on the fixed ``pairs`` (see :func:`pairs_flow_loss`)."""
+             progress: bool = False, checkpoints: FitCheckpoints | None = None) -> FitResult:
+    """Train ``model`` in place by flow matching on the fixed ``pairs`` (see :func:`pairs_flow_loss`;
+    ``checkpoints``: see :func:`~steerflow.straighten._fit.fit_pairs`)."""
     path = path if isinstance(path, AffinePath) else get_path(path)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return fit_pairs(model, pairs.x_0, pairs.x_1, pairs_flow_loss(path), steps=steps, batch_size=batch_size,
-                     lr=lr, generator=generator, cosine=cosine, progress=progress, what="reflow")
+                     lr=lr, generator=generator, cosine=cosine, progress=progress, what="reflow",
+                     checkpoints=checkpoints)
 
 
 def reflow(v_or_model: Callable[..., Tensor], *, source: Any, n_pairs: int = 20000, steps: int | None = None,
            method: str = "dopri5", train_steps: int = 5000, batch_size: int = 256, lr: float = 1e-3,
            iterations: int = 1, model: nn.Module | None = None, path: str | AffinePath = "linear",
            shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None, seed: int | None = None,
-           cosine: bool = True, progress: bool = False) -> ReflowResult:
+           cosine: bool = True, progress: bool = False, checkpoints: FitCheckpoints | None = None) -> ReflowResult:
     """Rectify a flow ``iterations`` times: ``(k+1)``-RF = flow matching on the pairs of ``k``-RF.
 
     Each round draws ``n_pairs`` fresh ``x_0 ~ source``, solves the current flow to get ``x_1``
@@ -211,6 +213,10 @@ def reflow(v_or_model: Callable[..., Tensor], *, source: Any, n_pairs: int = 200
         model: the network to train (required when ``v_or_model`` is not an ``nn.Module``).
         path: the probability path used for training (Liu et al.: ``linear``).
         generator / seed: all randomness (pairs, minibatches, times).
+        checkpoints: a :class:`~steerflow.straighten._fit.FitCheckpoints`: a log and checkpoints in its
+            directory, round ``r`` covering the steps ``r * train_steps + 1 .. (r + 1) * train_steps``; with
+            ``resume`` the rounds done are skipped and the one in progress continues on its stored pairs, bit
+            for bit.
 
     Returns:
         :class:`ReflowResult` ``(model, pairs, fits)``.
@@ -229,9 +235,15 @@ def reflow(v_or_model: Callable[..., Tensor], *, source: Any, n_pairs: int = 200
     teacher: Callable[..., Tensor] = v_or_model
     fits = []
     pairs = None
-    for _ in range(iterations):
-        pairs = generate_pairs(teacher, source, n_pairs, steps=steps, method=method, generator=generator, shape=shape)
+    for r in range(iterations):
+        ck = checkpoints.at(r, r * train_steps) if checkpoints is not None else None
+        if ck is not None and ck.finished_before():  # resumed in a later round
+            fits.append(ck.past_fit(train_steps))
+            continue
+        stored = ck.stored_pairs() if ck is not None else None
+        pairs = (Pairs(*stored) if stored is not None else
+                 generate_pairs(teacher, source, n_pairs, steps=steps, method=method, generator=generator, shape=shape))
         fits.append(fit_flow(model, pairs, steps=train_steps, batch_size=batch_size, lr=lr, path=path,
-                             generator=generator, cosine=cosine, progress=progress))
+                             generator=generator, cosine=cosine, progress=progress, checkpoints=ck))
         teacher = copy.deepcopy(model).eval()
     return ReflowResult(model=model.eval(), pairs=pairs, fits=tuple(fits))

@@ -11,7 +11,9 @@ Layout of a training directory ``out_dir``::
 
 A checkpoint directory is written under a temporary name and renamed into place, then ``latest.json``
 is replaced atomically (temp file + ``os.replace``): a crash at any moment leaves the previous
-checkpoint intact and ``latest.json`` pointing at a complete one.
+checkpoint intact and ``latest.json`` pointing at a complete one. What a killed write leaves behind
+(``.tmp-step-*`` folders, ``.latest.json.*.tmp`` files, a ``.old-step-*`` folder moved aside) is removed
+by :func:`remove_stale`, which a run calls before it writes into ``out_dir``.
 """
 from __future__ import annotations
 
@@ -175,6 +177,52 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def remove_stale(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove what killed checkpoint writes left in ``out_dir``; return the paths removed.
+
+    ``.tmp-step-*`` (a checkpoint folder not yet renamed into place) and ``.latest.json.*.tmp`` (a pointer
+    not yet renamed) are deleted. A ``.old-step-k-<pid>`` folder (a checkpoint of the same step moved aside
+    while it was being replaced) is deleted when ``step-k`` exists, else moved back to ``step-k`` (the write
+    was killed between the two renames, and ``latest.json`` may still point at it). Call it only when no
+    other process writes into ``out_dir``.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.glob(".tmp-step-*")) + sorted(out.glob(f".{LATEST}.*.tmp")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    for p in sorted(out.glob(".old-step-*")):
+        name = p.name[len(".old-"):].rsplit("-", 1)[0]
+        if p.is_dir() and name.startswith("step-") and not (out / name).exists():
+            os.rename(p, out / name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def cut_log(path: str | os.PathLike, step: int) -> None:
+    """Keep the lines of a ``log.jsonl`` up to ``step``: those a run resumed from the checkpoint at ``step``
+    does not write again. A line that does not parse (the last one, cut by a kill mid-write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if logged <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 # --- reading ---------------------------------------------------------------------------------------

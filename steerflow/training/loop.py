@@ -9,7 +9,8 @@ One update (Lipman et al. 2023, Algorithm 1; Liu et al. 2022; Tong et al. 2024 f
 Every random draw comes from generators seeded by ``seed`` (plus the rank) and from torch's global
 RNG (label dropout), which is seeded inside a forked RNG scope so the caller's state is untouched.
 All of them are checkpointed, so a run stopped at step ``k`` and resumed gives the same weights and
-loss trace, bit for bit, as an uninterrupted run on the same device.
+loss trace, bit for bit, as an uninterrupted run on the same device and number of processes (on another
+number of processes it resumes correctly, not bit for bit; see ``resume``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import os
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,14 +30,17 @@ from torch import Tensor, nn
 from ..models import model_name, unwrap_model
 from ..paths import get_path
 from . import distributed as ddp
-from .checkpoint import LATEST, load_state, read_config, save_checkpoint
+from .checkpoint import LATEST, cut_log, load_state, read_config, remove_stale, save_checkpoint
 from .ema import EMA
 from .loss import LR_SCHEDULES, flow_matching_loss, get_time_sampler, lr_factor
 from .pairs import PairStream
 
 # Training hyper-parameters that change the numbers: resuming with a different value cannot be exact.
+# The world size is not among them: a run may be resumed on another number of processes, not bit-exactly
+# (see ``train``'s ``resume``).
 _RESUME_KEYS = ("steps", "batch_size", "lr", "weight_decay", "betas", "warmup", "schedule", "ema_decay",
-                "grad_clip", "amp", "seed", "path", "time_sampler", "world_size")
+                "grad_clip", "amp", "seed", "path", "time_sampler")
+LOG = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,37 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
     return dev
 
 
+def _check_data_dtype(dtype: torch.dtype, what: str) -> None:
+    """Real numbers only: bool and complex data are refused (integers are converted by the caller)."""
+    if dtype == torch.bool or dtype.is_complex:
+        raise TypeError(f"{what} has dtype {dtype}; expected real numbers (a floating-point tensor, or integers, "
+                        "which are converted to the model's floating-point dtype)")
+
+
+def _first_non_finite(x: Tensor) -> int | None:
+    """The index of the first sample (row) of ``x`` holding NaN/inf, or None when all values are finite."""
+    if not x.is_floating_point():
+        return None
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 class _Batches:
-    """Draws ``(x_1, labels)`` from a tensor, a ``(tensor, labels)`` pair or an object with ``.sample``."""
+    """Draws ``(x_1, labels)`` from a tensor, a ``(tensor, labels)`` pair or an object with ``.sample``.
+
+    Data must be real numbers: integer data is converted to the model's floating-point ``dtype`` (as
+    floating-point data of another precision is), bool or complex data is a ``TypeError``. NaN/inf in the
+    data is a ``ValueError`` naming the sample: a tensor is checked once, whole; a batch from ``.sample`` is
+    checked as it is drawn when it arrives on the CPU (a cheap reduction, no device sync), and only the first
+    batch when it arrives on an accelerator (a later bad batch then shows as a non-finite loss).
+    """
 
     def __init__(self, data: Any, device: torch.device, dtype: torch.dtype, gen_host: torch.Generator,
-                 gen_dev: torch.Generator) -> None:
+                 gen_dev: torch.Generator, start: int = 0) -> None:
         self.device, self.dtype, self.gen_host, self.gen_dev = device, dtype, gen_host, gen_dev
         self.x = self.labels = None
         self.obj = None
+        self.step = start  # the step the next batch is drawn for, minus one (batches are drawn in step order)
         if torch.is_tensor(data) or (isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])):
             x, labels = (data, None) if torch.is_tensor(data) else data
             if x.ndim < 2 or x.shape[0] < 1:
@@ -87,15 +115,23 @@ class _Batches:
             if labels is not None and (not torch.is_tensor(labels) or labels.shape != (x.shape[0],)):
                 raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},), got "
                                  f"{tuple(getattr(labels, 'shape', ()))}")
-            self.x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+            _check_data_dtype(x.dtype, "the data tensor")
+            i = _first_non_finite(x)
+            if i is not None:
+                n_bad = int((~torch.isfinite(x)).sum())
+                raise ValueError(f"the data tensor holds {n_bad} non-finite value{'s' * (n_bad != 1)} (NaN/inf), "
+                                 f"the first in sample {i} of {x.shape[0]}; flow matching needs finite data")
+            self.x = x.to(device=device, dtype=dtype)
             self.labels = None if labels is None else labels.to(device)
         elif hasattr(data, "sample") and callable(data.sample):
             self.obj = data
         else:
             raise TypeError("data must be a tensor (N, *d), a (tensor, labels) pair, or an object with "
                             f".sample(n, generator); got {type(data).__name__}")
+        self.first = True
 
     def __call__(self, n: int) -> tuple[Tensor, Tensor | None]:
+        self.step += 1
         if self.x is not None:
             idx = torch.randint(self.x.shape[0], (n,), generator=self.gen_dev, device=self.device)
             return self.x[idx], (None if self.labels is None else self.labels[idx])
@@ -104,6 +140,13 @@ class _Batches:
         if not torch.is_tensor(x) or x.shape[0] != n:
             raise ValueError(f"data.sample({n}, generator) must return a tensor (n, *d) or (x, labels); got "
                              f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        _check_data_dtype(x.dtype, f"data.sample({n}, generator)'s batch")
+        if self.first or x.device.type == "cpu":
+            i = _first_non_finite(x)
+            if i is not None:
+                raise ValueError(f"data.sample({n}, generator) returned non-finite values (NaN/inf) in sample {i} "
+                                 f"of the batch for step {self.step}; flow matching needs finite data")
+        self.first = False
         x = x.to(self.device, dtype=self.dtype, non_blocking=True)
         return x, (None if labels is None else labels.to(self.device, non_blocking=True))
 
@@ -121,6 +164,12 @@ def _describe(obj: Any) -> Any:
 def _time_seed(seed: int) -> int:
     """Seed of the generator for ``t`` (kept apart from the pair generators, see ``pairs.py``)."""
     return (seed * 1_000_003 + 0x5EED) % 2**63
+
+
+def _joining_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank that joins a resumed run (its rank was not in the checkpoint's world): apart from the
+    ``seed + rank`` streams of a fresh run, so it does not replay batches another rank drew before."""
+    return ((seed + rank) * 1_000_003 + (step + 1) * 7_919 + 0xC0FFEE) % 2**63
 
 
 def _rng_states(pair_states: list[Tensor], gen_time: torch.Generator, device: torch.device) -> list[Tensor]:
@@ -181,12 +230,21 @@ def train(model: nn.Module, data: Any, *, source: Callable[[int, torch.Generator
         device: ``"auto"`` (CUDA if available), or a device.
         seed: seeds the training generators (``seed + rank``) and, inside a forked RNG scope, torch's
             global RNG (label dropout). Same seed, same device → bit-identical loss trace.
-        out_dir: training directory for ``log.jsonl`` and checkpoints (None: nothing is written).
+        out_dir: training directory for ``log.jsonl`` and checkpoints (None: nothing is written). A fresh
+            run (``resume=False``) refuses a directory that holds a checkpoint or a ``log.jsonl`` already
+            (``FileExistsError``), so two runs never share one log. What killed checkpoint writes left there
+            (``.tmp-step-*``) is removed.
         ckpt_every: checkpoint every this many steps (and always at the end when ``out_dir`` is set).
         log_every: losses are synchronised, checked for NaN/inf, logged and the progress bar updated
             every this many steps (the only host-device syncs of the loop).
-        resume: continue from ``out_dir``'s latest checkpoint (starts fresh if there is none). The
-            numerically relevant settings must match the checkpoint's.
+        resume: continue from ``out_dir``'s latest checkpoint (starts fresh if there is none); lines of
+            ``log.jsonl`` after the checkpoint's step are dropped. The numerically relevant settings must
+            match the checkpoint's. On the same number of processes the result is bit-identical to an
+            uninterrupted run. On another number it continues from the checkpoint's weights, EMA,
+            optimiser state, step and loss trace, with a ``UserWarning``: it cannot be bit-identical (each
+            rank draws its own batches, so the global batch ``world_size * batch_size`` and the batches
+            change); ranks present in the checkpoint continue their RNG streams, a joining rank gets a
+            stream seeded from ``seed``, its rank and the step.
         progress: show a tqdm bar (rank 0).
         time_sampler: ``"uniform"``, ``"logit_normal"`` or a callable ``(n, generator=, device=, dtype=)``.
         weighting: per-sample loss weight ``w(t)`` (b,) -> (b,).
@@ -302,6 +360,11 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
         has_ckpt = out is not None and (out / LATEST).exists()
         if has_ckpt and not resume:
             raise FileExistsError(f"{out} already holds a checkpoint; pass resume=True to continue it or use a new out_dir")
+        if info.is_main and out is not None and not resume and (out / LOG).exists():
+            raise FileExistsError(f"{out} already holds the {LOG} of an earlier run (stopped before its first "
+                                  "checkpoint); pass resume=True to start it over there, or use a new out_dir")
+        if info.is_main and out is not None:
+            remove_stale(out)
         if resume and has_ckpt:
             stored = read_config(out)["training"]
             diff = [k for k in _RESUME_KEYS if stored.get(k) != train_config[k]]
@@ -310,27 +373,43 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
                                  f"{ {k: stored.get(k) for k in diff} } vs now { {k: train_config[k] for k in diff} }")
             start, extra = load_state(out, net, ema=ema, optimizer=optimizer)
             prior_losses = extra["losses"].float()
-            layout = extra["rng_layout"]
-            flat = extra["rng"][rank]
-            states, off = [], 0
-            for n in layout:
-                states.append(flat[off:off + n].clone())
-                off += n
-            _set_rng_states(states, gen_host, gen_dev, gen_time, dev)
+            stored_world = int(stored.get("world_size", extra["rng"].shape[0]))
+            if rank < extra["rng"].shape[0]:
+                layout = extra["rng_layout"]
+                flat = extra["rng"][rank]
+                states, off = [], 0
+                for n in layout:
+                    states.append(flat[off:off + n].clone())
+                    off += n
+                _set_rng_states(states, gen_host, gen_dev, gen_time, dev)
+            else:  # a rank the checkpoint's run did not have
+                joining = _joining_seed(seed, rank, start)
+                gen_host.manual_seed(joining)
+                if gen_dev is not gen_host:
+                    gen_dev.manual_seed(joining)
+                gen_time.manual_seed(_time_seed(joining))
+                torch.default_generator.manual_seed(joining)
+                if dev.type == "cuda":
+                    torch.cuda.manual_seed(joining)
+            if stored_world != world and info.is_main:
+                warnings.warn(f"resuming {out} (step {start}, written by {stored_world} process(es)) on {world}: "
+                              f"the global batch changes from {stored_world * batch_size} to {world * batch_size} "
+                              "and each rank draws other batches, so the run continues from the checkpoint but "
+                              "is not bit-identical to an uninterrupted one", UserWarning, stacklevel=3)
             if ema is not None:
                 ema.num_updates = start
         end = stop_at if stop_at is not None else steps
         if start > end:
             raise ValueError(f"the checkpoint in {out} is at step {start}, past stop_at={end}")
+        batches.step = start  # batches are numbered by the step they are drawn for
 
         log_file = None
         pbar = None
         if info.is_main and out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            log_path = out / "log.jsonl"
-            if resume and log_path.exists():  # drop lines logged after the checkpoint we resume from
-                keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-                log_path.write_text("".join(ln + "\n" for ln in keep))
+            log_path = out / LOG
+            if resume:  # drop lines logged after the checkpoint we resume from
+                cut_log(log_path, start)
             log_file = open(log_path, "a")
         if progress and info.is_main:
             from tqdm.auto import tqdm
