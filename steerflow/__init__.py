@@ -8,12 +8,13 @@ import importlib
 
 from .metrics.cost import Cost
 from .paths import AffinePath, LinearPath, PathSample, get_path
-from .solvers import Trajectory, log_likelihood, sample, shifted_grid, uniform_grid
+from .solvers import Trajectory, flow_match_grid, log_likelihood, sample, shifted_grid, uniform_grid
 
 __version__ = "0.1.0"
 
 _SUBPACKAGES = ("paths", "couplings", "models", "solvers", "steering", "manifolds", "data", "metrics",
-                "training", "adapters", "cli")
+                "training", "straighten", "transport", "adapters", "cli", "plotting")
+"""Subpackages (and the ``plotting`` module) imported on first attribute access: ``steerflow.straighten``."""
 
 
 def __getattr__(name: str):
@@ -23,4 +24,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Cost", "AffinePath", "LinearPath", "PathSample", "get_path", "Trajectory", "log_likelihood",
-           "sample", "shifted_grid", "uniform_grid", "__version__"]
+           "sample", "flow_match_grid", "shifted_grid", "uniform_grid", "__version__"]

@@ -121,8 +121,10 @@ def test_one_line_errors(ckpt, images, tmp_path, capsys):
     np.save(tmp_path / "nan.npy", bad)
     _bad(base + ["--input", str(tmp_path / "nan.npy")], capsys, "NaN")
     _bad(base + ["--input", str(d / "x.npy"), "--method", "nope"], capsys, "invalid choice")
-    _bad(["steer", "--ckpt", ckpt, "--task", "colorize", "--input", str(d / "x.npy"), "--out", str(tmp_path)],
+    _bad(["steer", "--ckpt", ckpt, "--task", "recolour", "--input", str(d / "x.npy"), "--out", str(tmp_path)],
          capsys, "invalid choice")
+    _bad(["steer", "--ckpt", ckpt, "--task", "colorize", "--input", str(d / "x.npy"), "--out", str(tmp_path)],
+         capsys, "is for --pipeline")
     _bad(["steer", "--ckpt", str(tmp_path / "nockpt"), "--task", "denoise", "--input", str(d / "x.npy"),
           "--out", str(tmp_path)], capsys, "no checkpoint")
     _bad(["steer", "--ckpt", ckpt, "--task", "class", "--class-label", "12", "--out", str(tmp_path)], capsys,

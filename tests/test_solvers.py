@@ -74,10 +74,28 @@ def test_shifted_grid_properties():
 def test_sample_is_differentiable_when_asked():
     theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     x0 = torch.ones(4, 2, dtype=torch.float64)
-    x1 = steerflow.sample(lambda x, t: theta * x, x0, steps=200, method="rk4")
+    x1 = steerflow.sample(lambda x, t: theta * x, x0, steps=200, method="rk4", enable_grad=True)
     x1.sum().backward()
     # x(1) = e^θ x0, d/dθ Σ x(1) = e^θ Σ x0
     assert abs(float(theta.grad) - math.exp(0.7) * 8) < 1e-6
+
+
+def test_plain_sampling_records_no_graph_even_in_grad_mode():
+    theta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def v(x, t):
+        out = theta * x
+        seen.append(out.requires_grad)
+        return out
+
+    assert torch.is_grad_enabled()
+    x1 = steerflow.sample(v, torch.ones(4, 2, dtype=torch.float64), steps=5)
+    assert not x1.requires_grad and x1.grad_fn is None
+    assert seen and not any(seen)  # no graph inside the loop either
+    assert torch.is_grad_enabled()  # the caller's mode is restored
+    tr = steerflow.sample(v, torch.ones(4, 2, dtype=torch.float64), steps=5, return_trajectory=True)
+    assert not tr.xs.requires_grad
 
 
 def test_bad_inputs_are_refused():

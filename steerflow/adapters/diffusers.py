@@ -54,16 +54,27 @@ def grid_from_scheduler(scheduler: Any) -> Tensor:
 
 
 class DiffusersTransformerVelocity:
-    """Wrap a diffusers transformer (e.g. ``SD3Transformer2DModel``) as a steerflow velocity field.
+    """Wrap a bare diffusers transformer (e.g. ``SD3Transformer2DModel``) as a steerflow velocity field.
 
     ``conditioning`` (``encoder_hidden_states``, ``pooled_projections``, ...) is passed through on every
-    call; the output's ``.sample`` is negated as in :func:`velocity_from_diffusers`.
+    call; the output's ``.sample`` is negated as in :func:`velocity_from_diffusers`. ``num_train_timesteps``
+    is the scale of the ``timestep`` input: 1000 for SD3-style transformers, 1 for Flux (which takes ``σ`` and
+    scales it itself); ``None`` picks it from the transformer's class. ``v(x, t, cond)`` with a dict ``cond``
+    overrides the conditioning for that call (what :class:`~steerflow.steering.ClassifierFreeGuidance` passes).
+
+    For a whole pipeline (prompts, CFG, Flux packing, the scheduler's grid, the VAE) use
+    :class:`steerflow.adapters.FlowPipeline` instead.
     """
 
-    def __init__(self, transformer: Any, *, num_train_timesteps: float = 1000.0, **conditioning: Any) -> None:
+    def __init__(self, transformer: Any, *, num_train_timesteps: float | None = None, **conditioning: Any) -> None:
+        if num_train_timesteps is None:
+            num_train_timesteps = 1.0 if type(transformer).__name__.startswith("Flux") else 1000.0
         self.transformer, self.num_train_timesteps, self.conditioning = transformer, num_train_timesteps, conditioning
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.transformer(hidden_states=x, timestep=(1 - t) * self.num_train_timesteps, **self.conditioning)
+    def __call__(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        if cond is not None and not isinstance(cond, dict):
+            raise TypeError(f"cond must be a dict of conditioning keyword arguments, got {type(cond).__name__}")
+        kwargs = dict(self.conditioning, **(cond or {}))
+        out = self.transformer(hidden_states=x, timestep=(1 - t) * self.num_train_timesteps, **kwargs)
         out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
         return -out

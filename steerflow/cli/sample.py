@@ -13,18 +13,22 @@ import torch
 
 from . import _common as C
 from .main import CLIError, Command, register
+from .pipeline import add_pipeline_args, is_pipeline_folder, run_sample
 
 METHODS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (from train, reflow or distill)")
-    p.add_argument("--n", type=C.positive_int, default=1000, help="number of samples")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory (from train, reflow or distill)")
+    p.add_argument("--n", type=C.positive_int, default=None,
+                   help="number of samples (default 1000; with --pipeline: images per prompt, default 1)")
     p.add_argument("--steps", type=C.positive_int, default=None,
-                   help="solver steps (default: 1 for a distilled model, else 100; dopri5 is adaptive)")
+                   help="solver steps (default: 1 for a distilled model, 28 for a pipeline, else 100; dopri5 is "
+                        "adaptive)")
     p.add_argument("--method", choices=METHODS, default=None, help="step rule (default: euler)")
     p.add_argument("--out", default="samples.npy",
-                   help="output .npy file, shape (n, *d); for a sphere2 checkpoint also a .csv of lat,lon")
+                   help="output .npy file, shape (n, *d); for a sphere2 checkpoint also a .csv of lat,lon; for "
+                        "--pipeline a .png/.jpg grid of the images (or .npy latents)")
     p.add_argument("--latlon", action="store_true",
                    help="sphere2 checkpoints: write latitude/longitude in degrees, (n, 2), instead of unit "
                         "vectors (n, 3) (implied by an --out ending in .csv)")
@@ -35,6 +39,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=C.positive_float, default=3.0, help="shift of the shifted grid (SD3)")
     p.add_argument("--batch", type=C.positive_int, default=4096, help="solve this many samples at a time")
     C.add_device(p)
+    add_pipeline_args(p, prompt_help="text prompt (with --pipeline)")
 
 
 def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, seed: int, grid: str = "uniform",
@@ -89,6 +94,12 @@ def write_latlon(path: str, x: torch.Tensor) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pipeline is not None or is_pipeline_folder(args.ckpt):
+        args.n = args.n or 1
+        return run_sample(args)
+    if args.ckpt is None:
+        raise CLIError("sample needs --ckpt (a steerflow checkpoint) or --pipeline (a diffusers pipeline folder)")
+    args.n = args.n or 1000
     device = C.device_of(args.device)
     out = str(args.out)
     if not out.lower().endswith((".npy", ".csv")):
@@ -114,4 +125,6 @@ def run(args: argparse.Namespace) -> int:
 register(Command("sample", "draw samples from a checkpoint into a .npy file", configure, run,
                  description="Integrate the flow from source noise.\n"
                              "Example:  steerflow sample --ckpt runs/ot --n 2000 --steps 4 --method euler --out s.npy\n"
-                             "On the sphere:  steerflow sample --ckpt runs/volcano --n 2000 --out s.csv"))
+                             "On the sphere:  steerflow sample --ckpt runs/volcano --n 2000 --out s.csv\n"
+                             "A diffusers pipeline:  steerflow sample --pipeline sd3/ --prompt 'a cat' --n 4 "
+                             "--steps 28 --guidance 7 --out grid.png"))

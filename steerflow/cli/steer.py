@@ -27,12 +27,13 @@ import torch
 from . import _common as C
 from ._common import add_seed, generator, load_flow, positive_int, save_npy, write_json
 from .main import CLIError, Command, register
+from .pipeline import add_pipeline_args, is_pipeline_folder, run_edit, run_invert, run_steer
 
 __all__ = ["INVERSE_TASKS", "TASKS", "INVERSE_METHODS", "METHODS", "build_task", "build_method", "image_shape"]
 
 INVERSE_TASKS = ("inpaint", "box", "random", "superres", "deblur", "denoise")
 """Operator names of :func:`build_task` (``inpaint`` is box inpainting)."""
-TASKS = ("inpaint", "superres", "deblur", "denoise", "class")
+TASKS = ("inpaint", "superres", "deblur", "denoise", "class", "colorize")
 """``--task`` choices of ``steerflow steer``."""
 INVERSE_METHODS = ("unguided", "flowchef", "dps", "dds", "enkg", "otode", "pnpflow", "default")
 """The methods the benchmark compares; ``steer`` accepts these and the rest of ``GUIDANCES``."""
@@ -79,7 +80,7 @@ def build_task(name: str, shape: Sequence[int], *, generator: torch.Generator | 
 
 
 def build_method(name: str, operator, y: torch.Tensor, sigma: float, *, scale: float | None = None,
-                 ensemble_size: int | None = None):
+                 ensemble_size: int | None = None, path=None):
     """A guidance for ``y = operator(x) + N(0, sigma²)`` by name; ``unguided`` is ``None``.
 
     ``scale`` sets the method's main strength (``step_size`` for FlowChef and PnP-Flow, ``scale`` for the
@@ -97,6 +98,8 @@ def build_method(name: str, operator, y: torch.Tensor, sigma: float, *, scale: f
         kwargs[_PRIMARY[name]] = float(scale)
     if name == "enkg" and ensemble_size is not None:
         kwargs["ensemble_size"] = int(ensemble_size)
+    if path is not None:  # the path the model was trained with: x̂₁ and x̂₀ are read from it
+        kwargs["path"] = path
     return get_guidance(name, operator, y, sigma, **kwargs)
 
 
@@ -160,10 +163,15 @@ def _load_input(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _load_model(ckpt: str):
-    """The checkpoint's model in eval mode with frozen parameters (methods differentiate w.r.t. x only)."""
-    model = load_flow(ckpt).model
+    """The checkpoint's model in eval mode with frozen parameters (methods differentiate w.r.t. x only), carrying
+    the affine path it was trained with as ``model.path`` (guidance reads x̂₁ from it)."""
+    from ..paths import path_from_record
+
+    loaded = load_flow(ckpt)
+    model = loaded.model
     for p in model.parameters():
         p.requires_grad_(False)
+    model.path = path_from_record(loaded.info.path)
     return model
 
 
@@ -234,21 +242,36 @@ def _window(s: str) -> tuple[float, float]:
 
 
 def _configure_steer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained image flow")
+    p.add_argument("--task", required=True, choices=TASKS, help="colorize: --pipeline only")
     p.add_argument("--method", default=None, choices=METHODS + ("cfg",),
-                   help="guidance method (default: 'default' for inverse tasks, 'cfg' for --task class)")
-    p.add_argument("--input", help="clean image(s): .npy (n, C, H, W) / (C, H, W) / (H, W) / flat, or .png")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--mask", choices=("box", "random"), default="box", help="inpainting mask")
+                   help="guidance method (default: 'default' for inverse tasks, 'cfg' for --task class, "
+                        "'flowchef' with --pipeline)")
+    p.add_argument("--input", help="clean image(s): .npy (n, C, H, W) / (C, H, W) / (H, W) / flat, or .png "
+                                   "(with --pipeline: a .png/.jpg photo)")
+    p.add_argument("--out", required=True, help="output directory (with --pipeline also a .png/.jpg file)")
+    p.add_argument("--mask", default="box",
+                   help="inpainting mask: box, random, or (with --pipeline) a mask image of the input's size, "
+                        "white = region to fill, black = kept")
     p.add_argument("--noise", type=C.nonneg_float, default=0.05, help="measurement noise std σ")
-    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default 100; 28 for --pipeline)")
     p.add_argument("--scale", type=float, default=None,
                    help="method strength (CFG weight for --task class; step size / scale otherwise)")
     p.add_argument("--class-label", type=int, default=None, help="class for --task class")
     p.add_argument("--n", type=positive_int, default=8, help="samples for --task class")
     p.add_argument("--ensemble", type=positive_int, default=8, help="EnKG particles per image")
+    p.add_argument("--factor", type=positive_int, default=4, help="super-resolution factor (--pipeline)")
+    p.add_argument("--blur", choices=("gaussian", "motion"), default="gaussian", help="deblur kernel (--pipeline)")
+    p.add_argument("--blur-size", type=positive_int, default=9, help="blur kernel size, odd (--pipeline)")
+    p.add_argument("--blur-std", type=C.positive_float, default=2.0, help="Gaussian blur std (--pipeline)")
+    p.add_argument("--blur-angle", type=float, default=0.0, help="motion blur angle in degrees (--pipeline)")
+    p.add_argument("--space", choices=("auto", "pixel", "latent"), default="auto",
+                   help="--pipeline: measure in pixel space through the VAE decoder, or in latent space "
+                        f"(auto: latent for {', '.join(('default', 'dds', 'otode'))}, which need a linear operator)")
+    p.add_argument("--latent-noise", type=C.nonneg_float, default=0.1,
+                   help="--pipeline --space latent: noise std assumed for the encoded measurement")
     add_seed(p)
+    add_pipeline_args(p, prompt_help="text prompt of the pipeline (default '')")
 
 
 def _run_steer(args: argparse.Namespace) -> int:
@@ -256,6 +279,15 @@ def _run_steer(args: argparse.Namespace) -> int:
     from ..metrics.cost import Cost
     from ..steering.cfg import ClassifierFreeGuidance
 
+    if args.pipeline is not None or is_pipeline_folder(args.ckpt):
+        return run_steer(args)
+    _need_ckpt(args, "steer")
+    if args.task == "colorize":
+        raise CLIError("--task colorize is for --pipeline (RGB photos)")
+    if args.mask not in ("box", "random"):
+        raise CLIError(f"--mask {args.mask!r}: a checkpoint flow takes --mask box or random (mask images are for "
+                       "--pipeline)")
+    args.steps = args.steps or 100
     model = _load_model(args.ckpt)
     shape = image_shape(model.event_shape)
     out_dir = Path(args.out)
@@ -298,7 +330,7 @@ def _run_steer(args: argparse.Namespace) -> int:
     b = x_true.shape[0]
     reps = args.ensemble if method == "enkg" else 1
     guidance = build_method(method, op, y.repeat_interleave(reps, 0), args.noise, scale=args.scale,
-                            ensemble_size=reps if method == "enkg" else None)
+                            ensemble_size=reps if method == "enkg" else None, path=model.path)
     x0 = torch.randn(b * reps, *shape, generator=gen)
     cost = Cost()
     t0 = time.perf_counter()
@@ -313,7 +345,7 @@ def _run_steer(args: argparse.Namespace) -> int:
     _write_grid(out_dir / "grid.png", [x_true, _display(y, shape), result.clamp(-1, 1)])
     metrics = {"task": args.task, "mask": args.mask if args.task == "inpaint" else None, "method": method,
                "noise": args.noise, "steps": args.steps, "seed": args.seed, "scale": args.scale,
-               "seconds": seconds, "seconds_per_image": seconds / b, **cost.as_dict(),
+               **cost.as_dict(), "seconds": seconds, "seconds_per_image": seconds / b,
                **_image_metrics(result, x_true)}
     write_json(out_dir / "metrics.json", metrics)
     print(f"steerflow steer: {args.task} with {method}: PSNR {metrics['psnr_db']:.2f} dB, SSIM {metrics['ssim']:.3f} "
@@ -321,15 +353,24 @@ def _run_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _need_ckpt(args: argparse.Namespace, command: str) -> None:
+    if args.ckpt is None:
+        raise CLIError(f"{command} needs --ckpt (a steerflow checkpoint) or --pipeline (a diffusers pipeline folder)")
+    for flag, value in (("--prompt", args.prompt), ("--guidance", args.guidance)):
+        if value is not None:
+            raise CLIError(f"{flag} is for --pipeline; a steerflow checkpoint takes --class-label")
+
+
 # --- invert / edit ---------------------------------------------------------------------------------------
 def _configure_invert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
-    p.add_argument("--input", required=True, help="image(s) to invert (.npy or .png)")
-    p.add_argument("--out", required=True, help="output .npy file for the noise")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained image flow")
+    p.add_argument("--input", required=True, help="image(s) to invert (.npy or .png; .png/.jpg with --pipeline)")
+    p.add_argument("--out", required=True, help="output .npy file for the noise (latents with --pipeline)")
     p.add_argument("--gamma", type=C.closed_unit_float, default=0.0, help="RF-Inversion controller strength (0: plain ODE)")
-    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default 100; 28 for --pipeline)")
     p.add_argument("--class-label", type=int, default=None, help="invert under this class's field")
     add_seed(p)
+    add_pipeline_args(p, prompt_help="the prompt to invert under (default '')")
 
 
 def _inverse(model, x_img, shape, *, gamma, steps, labels, seed):
@@ -342,6 +383,10 @@ def _inverse(model, x_img, shape, *, gamma, steps, labels, seed):
 
 
 def _run_invert(args: argparse.Namespace) -> int:
+    if args.pipeline is not None or is_pipeline_folder(args.ckpt):
+        return run_invert(args)
+    _need_ckpt(args, "invert")
+    args.steps = args.steps or 100
     model = _load_model(args.ckpt)
     shape = image_shape(model.event_shape)
     if not str(args.out).endswith(".npy"):
@@ -355,22 +400,28 @@ def _run_invert(args: argparse.Namespace) -> int:
 
 
 def _configure_edit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint directory of a trained image flow")
-    p.add_argument("--input", required=True, help="image(s) to edit (.npy or .png)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory of a trained image flow")
+    p.add_argument("--input", required=True, help="image(s) to edit (.npy or .png; .png/.jpg with --pipeline)")
+    p.add_argument("--out", required=True, help="output directory (with --pipeline also a .png/.jpg file)")
     p.add_argument("--eta", type=C.closed_unit_float, default=0.9, help="editing controller strength η")
     p.add_argument("--window", type=_window, default=(0.0, 0.25),
                    help="t_start,t_end (t = 0 noise) where the controller acts")
     p.add_argument("--gamma", type=C.closed_unit_float, default=0.5, help="inversion controller strength γ")
-    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default 100; 28 for --pipeline)")
     p.add_argument("--class-label", type=int, default=None, help="the class to edit toward")
     p.add_argument("--source-label", type=int, default=None, help="the class to invert under (default: null)")
+    p.add_argument("--source-prompt", default="", help="--pipeline: the prompt to invert under (default '')")
     add_seed(p)
+    add_pipeline_args(p, prompt_help="--pipeline: the prompt to edit toward")
 
 
 def _run_edit(args: argparse.Namespace) -> int:
     from ..steering.inversion import edit
 
+    if args.pipeline is not None or is_pipeline_folder(args.ckpt):
+        return run_edit(args)
+    _need_ckpt(args, "edit")
+    args.steps = args.steps or 100
     model = _load_model(args.ckpt)
     shape = image_shape(model.event_shape)
     x = _load_input(args.input, shape)

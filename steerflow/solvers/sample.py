@@ -71,6 +71,7 @@ def sample(
     cost: Cost | None = None,
     progress: bool = False,
     check_finite: bool = True,
+    enable_grad: bool = False,
 ) -> Tensor | Trajectory:
     """Integrate ``dx/dt = v(x, t)`` from ``x_0`` along the grid ``ts`` and return the final state.
 
@@ -91,8 +92,10 @@ def sample(
         cost: a :class:`~steerflow.metrics.Cost` that accumulates NFE (and the guidance's own counts).
         progress: show a progress bar.
         check_finite: stop with an error naming the step when a state becomes NaN/inf.
-
-    Gradients flow through the solve when autograd is enabled by the caller (no blanket ``no_grad``).
+        enable_grad: record the autograd graph of the solve (to differentiate the result with respect to
+            ``x_0`` or the field's parameters). Off by default: plain sampling keeps no graph, whatever the
+            caller's grad mode. Guidance methods that differentiate (DPS, OT-ODE, FlowChef's data gradient, ...)
+            switch autograd on for their own computation inside their hooks.
     """
     check_batch(x_0, "x_0")
     solver = get_solver(method, atol=atol, rtol=rtol) if method == "dopri5" else get_solver(method)
@@ -105,7 +108,16 @@ def sample(
     cost = cost if cost is not None else Cost()
     nfe_before = cost.nfe
     base = CountedField(v, cost, cond)
+    if guidance is not None and hasattr(guidance, "check"):
+        guidance.check(base, solver=solver)  # e.g. "update, then step" methods refuse adaptive solvers
 
+    with torch.set_grad_enabled(bool(enable_grad)):
+        return _integrate(base, x_0, ts, solver, guidance, geometry, generator, cost, nfe_before, return_trajectory,
+                          progress, check_finite)
+
+
+def _integrate(base, x_0, ts, solver, guidance, geometry, generator, cost, nfe_before, return_trajectory, progress,
+               check_finite):
     x = x_0
     if guidance is not None and hasattr(guidance, "initial"):
         x = guidance.initial(base, x, ts, generator=generator, cost=cost)

@@ -238,7 +238,7 @@ def _grid(steps: int, ts: Tensor | None) -> Tensor:
 def invert(v, x_1: Tensor, *, steps: int = 100, gamma: float = 0.0, target_noise: Tensor | None = None,
            window: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None,
            method: str = "euler", ts: Tensor | None = None, cond: Any = None, cost: Cost | None = None,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, progress: bool = False):
     """Invert data ``x_1`` (b, *d) to noise (b, *d): ``sample`` on the decreasing grid ``1 → 0``.
 
     ``gamma = 0`` is plain ODE inversion (``sample(v, x_1, ts=uniform_grid(steps).flip(0))``); ``gamma > 0``
@@ -255,12 +255,13 @@ def invert(v, x_1: Tensor, *, steps: int = 100, gamma: float = 0.0, target_noise
             target_noise = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype, device=x_1.device)
         guidance = ControlledInversion(target_noise, gamma, window)
     return sample(v, x_1, ts=grid.flip(0), method=method, generator=generator, guidance=guidance, cond=cond,
-                  cost=cost, return_trajectory=return_trajectory)
+                  cost=cost, return_trajectory=return_trajectory, progress=progress)
 
 
 def edit(v, x_0: Tensor, reference: Tensor, *, eta: float, window: tuple[float, float] = (0.0, 1.0),
          steps: int = 100, method: str = "euler", generator: torch.Generator | None = None,
-         ts: Tensor | None = None, cond: Any = None, cost: Cost | None = None, return_trajectory: bool = False):
+         ts: Tensor | None = None, cond: Any = None, cost: Cost | None = None, return_trajectory: bool = False,
+         progress: bool = False):
     """Generate from ``x_0`` (b, *d) (usually ``invert(v, reference, ...)``) while staying faithful to
     ``reference`` (b, *d): ``sample`` on ``0 → 1`` with :class:`ControlledEditing` (Rout et al. 2024,
     Algorithm 2). ``cond`` is the (new) condition of the edit, e.g. a class label.
@@ -270,4 +271,4 @@ def edit(v, x_0: Tensor, reference: Tensor, *, eta: float, window: tuple[float, 
         raise ValueError("edit integrates 0 → 1; pass an increasing grid ts")
     guidance = ControlledEditing(reference, eta, window) if eta != 0 else None
     return sample(v, x_0, ts=grid, method=method, generator=generator, guidance=guidance, cond=cond, cost=cost,
-                  return_trajectory=return_trajectory)
+                  return_trajectory=return_trajectory, progress=progress)
