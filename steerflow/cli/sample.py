@@ -27,8 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "adaptive)")
     p.add_argument("--method", choices=METHODS, default=None, help="step rule (default: euler)")
     p.add_argument("--out", default="samples.npy",
-                   help="output .npy file, shape (n, *d); for a sphere2 checkpoint also a .csv of lat,lon; for "
-                        "--pipeline a .png/.jpg grid of the images (or .npy latents)")
+                   help="output .npy file, shape (n, *d); for a sphere2 checkpoint also a .csv of lat,lon; for an "
+                        "image model (and --pipeline) a .png/.jpg grid of the images")
     p.add_argument("--latlon", action="store_true",
                    help="sphere2 checkpoints: write latitude/longitude in degrees, (n, 2), instead of unit "
                         "vectors (n, 3) (implied by an --out ending in .csv)")
@@ -102,9 +102,19 @@ def run(args: argparse.Namespace) -> int:
     args.n = args.n or 1000
     device = C.device_of(args.device)
     out = str(args.out)
-    if not out.lower().endswith((".npy", ".csv")):
-        raise CLIError(f"--out must be a .npy file (or a .csv for --latlon), got {args.out!r}")
+    image_out = out.lower().endswith((".png", ".jpg", ".jpeg"))
+    if not (out.lower().endswith((".npy", ".csv")) or image_out):
+        raise CLIError(f"--out must be a .npy file (a .csv for --latlon, a .png/.jpg grid for image models), "
+                       f"got {args.out!r}")
     loaded = C.load_flow(args.ckpt, ema=args.ema, device=device, allow_manifold=True)
+    if image_out:
+        from .steer import image_shape
+
+        try:
+            shape = image_shape(tuple(loaded.model.event_shape))
+        except CLIError:
+            raise CLIError(f"a .png/.jpg grid is for image models; {args.ckpt!r} holds states of shape "
+                           f"{tuple(loaded.model.event_shape)} (write a .npy)") from None
     latlon = args.latlon or out.lower().endswith(".csv")
     name = loaded.manifold.name if loaded.manifold is not None else None
     if latlon and name != "sphere2":
@@ -116,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if latlon:
         write_latlon(out, x)
         print(f"wrote {x.shape[0]} samples as latitude/longitude (degrees) to {out}", file=sys.stderr)
+    elif image_out:
+        from ..data.images import save_image
+
+        save_image(x.reshape(x.shape[0], *shape).clamp(-1, 1), out)
+        print(f"wrote a grid of {x.shape[0]} images {shape} to {out}", file=sys.stderr)
     else:
         C.save_npy(out, x.numpy())
         print(f"wrote {tuple(x.shape)} samples to {out}", file=sys.stderr)
