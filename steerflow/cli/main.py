@@ -8,8 +8,8 @@ import time::
     from .main import Command, register
     register(Command("steer", "sample with a steering method", configure=_configure, run=_run))
 
-:func:`main` imports the built-in command modules and then the optional ones (``steer``) guarded, so a
-missing or broken optional module never breaks ``train``/``sample``/``demo``.
+:func:`main` imports the command modules (:data:`BUILTIN_MODULES`); heavy optional libraries (diffusers, POT,
+Pillow) are imported only inside the commands that use them, with a message naming the extra to install.
 
 Errors: bad user input (unknown dataset, wrong shapes, a missing/corrupt/mismatched checkpoint, a bad
 number) ends with one line on stderr, ``steerflow: error: <what was expected, what arrived>``, and exit
@@ -47,10 +47,8 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 """Registered subcommands in registration order (the order ``steerflow --help`` lists them)."""
 
-BUILTIN_MODULES = ("train", "sample", "straighten", "evaluate", "plot", "demo")
-"""Command modules of :mod:`steerflow.cli` that must import."""
-OPTIONAL_MODULES = ("steer",)
-"""Command modules written elsewhere; imported guarded (a missing or broken one is skipped)."""
+BUILTIN_MODULES = ("train", "sample", "straighten", "evaluate", "plot", "steer", "demo")
+"""Command modules of :mod:`steerflow.cli` (each registers its commands on import)."""
 
 
 def register(command: Command) -> Command:
@@ -89,19 +87,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _load_commands() -> list[str]:
-    """Import the command modules; return the names of optional modules that could not be loaded."""
-    skipped = []
+def _load_commands() -> None:
+    """Import the command modules (each registers its commands)."""
     for name in BUILTIN_MODULES:
         importlib.import_module(f"steerflow.cli.{name}")
-    for name in OPTIONAL_MODULES:
-        try:
-            importlib.import_module(f"steerflow.cli.{name}")
-        except Exception as e:  # a broken optional module must not break the other commands
-            if os.environ.get("STEERFLOW_DEBUG"):
-                raise
-            skipped.append(f"{name} ({type(e).__name__}: {e})")
-    return skipped
 
 
 def build_parser() -> argparse.ArgumentParser:

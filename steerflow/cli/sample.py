@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register(Command("sample", "draw samples from a checkpoint into a .npy file", configure, run,
+register(Command("sample", "draw samples from a checkpoint or a diffusers pipeline (.npy, or a .png/.jpg grid)",
+                 configure, run,
                  description="Integrate the flow from source noise.\n"
                              "Example:  steerflow sample --ckpt runs/ot --n 2000 --steps 4 --method euler --out s.npy\n"
                              "On the sphere:  steerflow sample --ckpt runs/volcano --n 2000 --out s.csv\n"

@@ -156,9 +156,8 @@ class Dopri5:
             raise ValueError(f"dopri5 needs atol > 0 and rtol >= 0, got atol={atol}, rtol={rtol}")
         self.atol, self.rtol, self.max_steps, self.safety, self.first_step = atol, rtol, max_steps, safety, first_step
 
-    def integrate(self, f: StepField, x: Tensor, t0: Tensor, t1: Tensor, geometry: Geometry = FLAT,
-                  on_step: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """Integrate from ``t0`` to ``t1`` (either direction); ``on_step(x, t, dt)`` may replace accepted states."""
+    def integrate(self, f: StepField, x: Tensor, t0: Tensor, t1: Tensor, geometry: Geometry = FLAT) -> Tensor:
+        """Integrate from ``t0`` to ``t1`` (either direction) with adaptive steps."""
         span = float(t1 - t0)
         if span == 0.0:
             return x
@@ -189,10 +188,7 @@ class Dopri5:
             if err <= 1.0:
                 t_new = t + dt
                 x = x5
-                if on_step is not None:
-                    x = on_step(x, torch.as_tensor(t_new, dtype=t0.dtype), torch.as_tensor(dt, dtype=t0.dtype))
-                    k1 = _slope(geometry, x, x, f(x, torch.as_tensor(t_new, dtype=t0.dtype)))
-                elif _projects(geometry):  # the accepted state was projected: re-evaluate there
+                if _projects(geometry):  # the accepted state was projected: re-evaluate there
                     k1 = _slope(geometry, x, x, f(x, torch.as_tensor(t_new, dtype=t0.dtype)))
                 else:
                     k1 = ks[-1]  # first same as last: stage 7 is f at the accepted state

@@ -450,7 +450,6 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
         last_ckpt = start if start > 0 else None
         stopped_early = False
         t_start = t_log = time.perf_counter()
-        n_log = 0
         step = start
         try:
             for step in range(start, end):
@@ -496,7 +495,6 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
                 chunks.append(vals)
                 now = time.perf_counter()
                 rate = (vals.numel()) / max(now - t_log, 1e-9)
-                n_log += 1
                 if info.is_main:
                     mean = float(vals.mean())
                     if log_file is not None:
