@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import steerflow  # noqa: E402
 from steerflow.adapters import FlowPipeline  # noqa: E402
+from steerflow.adapters.pipeline import unpack_latents  # noqa: E402
 from steerflow.adapters.tiny import save_tiny_pipeline  # noqa: E402
 
 PROMPT = "a photo of a cat"
@@ -43,12 +44,6 @@ MID_SD3 = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, atten
 MID_FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
                 num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=256, guidance_embeds=True,
                 axes_dims_rope=(8, 12, 12))
-
-
-def _unpack(lat: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, c4 = lat.shape
-    c = c4 // 4
-    return lat.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def parity(folders: dict, steps: int) -> list[dict]:
@@ -67,7 +62,7 @@ def parity(folders: dict, steps: int) -> list[dict]:
         ref_img = fp.pipeline(PROMPT, height=32, width=32, num_inference_steps=steps,
                               generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
         if fp.kind == "flux":
-            ref = _unpack(ref, 16, 16)
+            ref = unpack_latents(ref, 16, 16)
         z0 = fp.noise(1, height=32, width=32, generator=torch.Generator().manual_seed(0))
         z = steerflow.sample(fp.velocity(PROMPT, guidance_scale=w), z0, ts=fp.time_grid(steps, height=32, width=32))
         img = (fp.decode(z) / 2 + 0.5).clamp(0, 1)
@@ -131,7 +126,7 @@ def overhead(fp: FlowPipeline, label: str, steps: int, repeats: int, size: int) 
 
     a, b = theirs(), ours()  # warm-up; also the two give the same latents
     if fp.kind == "flux":
-        a = _unpack(a, *b.shape[2:])
+        a = unpack_latents(a, *b.shape[2:])
     max_diff = float((a - b).abs().max())
     t_theirs, t_ours = [], []
     for _ in range(repeats):

@@ -1,5 +1,19 @@
-"""Shared helpers of the command-line tests."""
+"""Shared helpers of the command-line tests (the ``steerflow`` CLI in-process, scripts in a subprocess)."""
+import subprocess
+import sys
+from pathlib import Path
+
 from steerflow.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(relpath, *args, cwd=ROOT, timeout=600) -> str:
+    """Run ``python ROOT/relpath *args`` (a benchmark or example script); assert it exits 0, return its stdout."""
+    proc = subprocess.run([sys.executable, str(ROOT / relpath), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
 
 
 def run_cli(capsys, *argv):

@@ -12,7 +12,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from steerflow.adapters import FlowPipeline  # noqa: E402
 from steerflow.adapters.tiny import save_tiny_pipeline  # noqa: E402
-from steerflow.cli.main import main  # noqa: E402
+from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,8 @@ def files(tmp_path_factory):
 
 
 def run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.err
+    rc, _, err = run_cli(capsys, *argv)
+    return rc, err
 
 
 def test_sample_writes_a_png_grid_and_is_reproducible(files, tmp_path, capsys):
@@ -43,7 +42,7 @@ def test_sample_writes_a_png_grid_and_is_reproducible(files, tmp_path, capsys):
     rc, err = run(args + ["--out", tmp_path / "grid.png"], capsys)
     assert rc == 0, err
     img = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert img.shape == (2 * 32 + 2, 2 * 32 + 2, 3)
+    assert img.shape == (2 * (32 + 2) + 2, 2 * (32 + 2) + 2, 3)  # 2 × 2 tiles, 2-pixel gaps and border
     rc, _ = run(args + ["--out", tmp_path / "grid2.png"], capsys)
     assert np.array_equal(img, np.asarray(Image.open(tmp_path / "grid2.png")))
     rc, _ = run(args + ["--out", tmp_path / "latents.npy"], capsys)
@@ -124,9 +123,7 @@ def test_input_is_resized_to_the_models_multiple_with_a_warning(files, tmp_path,
 def test_bad_input_gets_one_line(files, tmp_path, capsys, argv, message):
     argv = [a.format(root=files["root"], tmp=tmp_path, sd3=files["sd3"]) for a in argv]
     rc, err = run(argv, capsys)
-    assert rc == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("steerflow: error:")]
-    assert len(lines) == 1 and message in lines[0], err
+    assert_one_line_error(rc, err, message)
 
 
 def test_prompt_on_a_pipeline_without_text_encoders(files, tmp_path, capsys):
@@ -134,4 +131,4 @@ def test_prompt_on_a_pipeline_without_text_encoders(files, tmp_path, capsys):
                                       tokenizer_2=None)
     fp.pipeline.save_pretrained(str(tmp_path / "no_text"))
     rc, err = run(["sample", "--pipeline", tmp_path / "no_text", "--prompt", "x", "--out", tmp_path / "a.png"], capsys)
-    assert rc == 2 and "has no text encoder" in err
+    assert_one_line_error(rc, err, "has no text encoder")

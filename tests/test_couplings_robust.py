@@ -101,8 +101,8 @@ def test_cost_matrix_batched_and_float32_far_from_the_origin():
 @pytest.mark.parametrize("offset,scale", [(0.0, 1e-8), (1e8, 1.0), (1e6, 1e8), (1e8, 1e-8)])
 def test_sinkhorn_is_invariant_to_offset_and_scale(offset, scale):
     """With ``normalize_cost`` the entropic plan depends on the costs only through ``C / max C``: a common offset
-    and scale leave it unchanged (before the fix an offset of 1e8 made it arbitrary), and its hard rounding is the
-    exact OT permutation."""
+    and scale leave it unchanged (the costs do not cancel at an offset of 1e8), and its hard rounding is the exact OT
+    permutation."""
     n = 60
     x_0, x_1 = _batches(n, 2, 0.0, 1.0, seed=5)
     y_0, y_1 = _batches(n, 2, offset, scale, seed=5)
@@ -192,6 +192,22 @@ def test_native_points_form_the_same_costs_and_refuse_overflow():
     for coupling in (ExactOT(), ExactOT(solver="lsa"), ExactOT(lambda p, q: torch.cdist(p, q) ** 2)):
         with pytest.raises(ValueError, match="NaN or inf"):
             coupling(huge, huge.flip(0))
+
+
+def test_auction_jv_without_the_extension_says_how_to_build_it(monkeypatch):
+    """Asked for by name where the C extension is missing, the compiled solver refuses with a RuntimeError (through
+    the points and the cost-matrix routes alike); ``"auto"`` falls back to another exact solver."""
+    monkeypatch.setattr(_native, "_library", lambda: None)
+    g = torch.Generator().manual_seed(4)
+    x_0, x_1 = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)
+    for call in (lambda: ExactOT(solver="auction-jv").indices(x_0, x_1),
+                 lambda: solve_assignment(cost_matrix("sqeuclidean", x_0, x_1), solver="auction-jv")):
+        with pytest.raises(RuntimeError, match="not built"):
+            call()
+    C = _explicit(x_0, x_1)
+    sigma = ExactOT().indices(x_0, x_1)
+    _assert_perm(sigma, 5)
+    assert _total(C, sigma) == pytest.approx(_optimum(C), rel=1e-12, abs=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -9,31 +9,23 @@ from steerflow.steering.guidance import (DDS, DPS, EnKG, GUIDANCES, DFlow, Dream
                                          FlowChef, Lookahead, OTODE, PnPFlow, SteerflowDefault, get_guidance)
 from steerflow.steering.operators import Dense, Mask, NonLinear
 
-D = torch.float64
-MIX = GaussianMixture([0.5, 0.5], [[-1.0, -1.0], [1.0, 1.0]], [[[0.25, 0.1], [0.1, 0.25]]] * 2)
-A = Dense(torch.tensor([[1.0, 0.0]], dtype=D))
-Y = torch.tensor([0.4], dtype=D)
-SIGMA = 0.3
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+from guidance_helpers import A, D, MIX, SIGMA, Y, seeded
 
 
 def _run(guidance, n=256, steps=30, seed=0, cost=None, mixture=MIX):
-    x0 = torch.randn(n, mixture.dim, generator=_gen(seed), dtype=D)
-    return sample(mixture.velocity, x0, steps=steps, guidance=guidance, generator=_gen(seed + 1), cost=cost)
+    x0 = torch.randn(n, mixture.dim, generator=seeded(seed), dtype=D)
+    return sample(mixture.velocity, x0, steps=steps, guidance=guidance, generator=seeded(seed + 1), cost=cost)
 
 
 def test_exact_guidance_reproduces_the_exact_posterior():
     post = MIX.posterior(A.A, Y, SIGMA)
     x = _run(ExactPosteriorGuidance(MIX, A, Y, SIGMA), n=1500, steps=100)
-    ref = post.sample(1500, _gen(10))
-    floor = energy_distance(post.sample(1500, _gen(11)), ref)
+    ref = post.sample(1500, seeded(10))
+    floor = energy_distance(post.sample(1500, seeded(11)), ref)
     assert energy_distance(x, ref) < 3 * floor + 5e-3
     mean = post.weights @ post.means
     torch.testing.assert_close(x.mean(0), mean, atol=0.06, rtol=0)
-    cov = torch.cov(post.sample(20000, _gen(12)).T)
+    cov = torch.cov(post.sample(20000, seeded(12)).T)
     torch.testing.assert_close(torch.cov(x.T), cov, atol=0.08, rtol=0)
 
 
@@ -163,7 +155,7 @@ def test_dds_step_is_the_projection_then_the_renoising():
     """One DDS velocity against its closed form: x̂_1' = x̂_1 + a (y − aᵀx̂_1) (‖a‖ = 1), then the jump to
     (t + dt) x̂_1' + (1 − t − dt) x̂_0 over dt."""
     a = ROT.A[0]
-    x = torch.randn(32, 2, generator=_gen(5), dtype=D)
+    x = torch.randn(32, 2, generator=seeded(5), dtype=D)
     t, dt = 0.4, 0.1
     v = MIX.velocity(x, torch.full((32,), t, dtype=D))
     x1, x0 = x + (1 - t) * v, x - t * v
@@ -171,6 +163,29 @@ def test_dds_step_is_the_projection_then_the_renoising():
     want = ((t + dt) * x1p + (1 - t - dt) * x0 - x) / dt
     got = DDS(ROT, Y, SIGMA).velocity(MIX.velocity, x, torch.full((32,), t, dtype=D), torch.tensor(dt, dtype=D))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", [ROT, Dense(torch.tensor([[1.0, 0.5], [0.2, 1.0]], dtype=D))], ids=["rank-1", "full"])
+def test_dds_counts_the_operator_calls_it_makes(op):
+    """Conjugate gradients stop early on their tolerance (rank 1: after one step): the cost holds the calls of A
+    and Aᵀ actually made, not ``n_cg`` iterations' worth."""
+    calls = []
+
+    class Counted(Dense):
+        def forward(self, x):
+            calls.append("A")
+            return super().forward(x)
+
+        def adjoint(self, u):
+            calls.append("At")
+            return super().adjoint(u)
+
+    y = op.A @ torch.tensor([0.3, -0.2], dtype=D)
+    x = torch.randn(8, 2, generator=seeded(6), dtype=D)
+    dds, cost = DDS(Counted(op.A), y, SIGMA, n_cg=5), Cost()
+    calls.clear()  # building the measurement applies A once to check y's shape
+    dds.velocity(MIX.velocity, x, torch.full((8,), 0.4, dtype=D), torch.tensor(0.1, dtype=D), cost=cost)
+    assert cost.operator_calls == len(calls) < 2 + 2 * (5 + 1)  # fewer than n_cg = 5 iterations were needed
 
 
 @pytest.mark.parametrize("make, name", [

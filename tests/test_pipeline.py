@@ -4,7 +4,6 @@ Parity: steerflow's sampler on the pipeline's velocity reproduces the pipeline's
 same prompt) in latents and decoded images. Steering: every method runs on the pipeline, FlowChef never
 differentiates the transformer, DPS does, CFG and EnKG see the conditioning repeated over the batch.
 """
-import math
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from steerflow.adapters import DecodedOperator, FlowPipeline, PromptEmbeds  # noqa: E402
+from steerflow.adapters.pipeline import unpack_latents  # noqa: E402
 from steerflow.adapters.tiny import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 from steerflow.metrics import Cost  # noqa: E402
 from steerflow.steering import (DDS, DPS, OTODE, AvgPool, Blur, ClassifierFreeGuidance, Colorize, EnKG,  # noqa: E402
@@ -32,12 +32,6 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipes(folders):
     return {kind: FlowPipeline.from_pretrained(path) for kind, path in folders.items()}
-
-
-def _unpack(lat, h, w):
-    b, _, c4 = lat.shape
-    c = c4 // 4
-    return lat.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def _with_scheduler(fp: FlowPipeline, **overrides) -> FlowPipeline:
@@ -63,7 +57,7 @@ def test_sampling_matches_the_pipeline_call(folders, kind, sched, w):
                    generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
     ref_sigmas = pipe.scheduler.sigmas.clone()
     if fp.kind == "flux":
-        ref = _unpack(ref, 16, 16)
+        ref = unpack_latents(ref, 16, 16)
 
     # the five lines a user writes
     v = fp.velocity(PROMPT, guidance_scale=w)
@@ -334,10 +328,12 @@ def test_guidance_options_are_checked(pipes):
 
 
 def test_tiny_pipeline_is_deterministic():
-    a, b = tiny_pipeline("flux-schnell", seed=5), tiny_pipeline("flux-schnell", seed=5)
+    a, b, c = (tiny_pipeline("flux-schnell", seed=s) for s in (5, 5, 6))
     for (ka, va), (kb, vb) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    assert math.isfinite(float(a.transformer.state_dict()[ka].sum()))
+    # the seed is what fixes them: another seed gives other weights
+    assert not all(torch.equal(va, vc) for va, vc in zip(a.transformer.state_dict().values(),
+                                                        c.transformer.state_dict().values()))
 
 
 def test_readme_snippet_runs_on_a_tiny_pipeline(folders, tmp_path):

@@ -1,16 +1,12 @@
 """The README's Python examples, run at small sizes: the documented API must keep working.
 
-Only the sphere example reads the earth catalogues (``../shared/data/earth`` or ``$STEERFLOW_EARTH_DATA``);
-it skips without them, the rest runs on a fresh clone."""
+Every example runs on a fresh clone: the sphere example's ``volcano`` catalogue ships inside the package
+(``steerflow/data/earth_data``), so none of them skips."""
 from pathlib import Path
 
-import pytest
-
-from steerflow.data.earth import earth_data_dir
+from steerflow.data.earth import PACKAGED_EARTH_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_earth = pytest.mark.skipif(not earth_data_dir().is_dir(),
-                                 reason="needs the earth catalogues: ../shared/data/earth or $STEERFLOW_EARTH_DATA")
 
 
 def test_readme_examples_run(monkeypatch, tmp_path):
@@ -57,7 +53,6 @@ def test_readme_examples_run(monkeypatch, tmp_path):
     assert bool(box.contains(x).all())
 
 
-@needs_earth
 def test_readme_sphere_example_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
     import steerflow
@@ -77,11 +72,12 @@ def test_readme_sphere_example_runs(monkeypatch):
     _show(float(nll.detach()))
 
 
-def test_only_the_sphere_example_needs_the_earth_data():
-    """Without the catalogues only the sphere example may skip: the others must be able to fail."""
+def test_no_readme_example_can_skip():
+    """The sphere example's data ships with the package, so no example carries a skip: each must be able to fail."""
+    assert (PACKAGED_EARTH_DIR / "volerup.csv").is_file()
     marks = {name: [m.name for m in getattr(globals()[name], "pytestmark", [])]
              for name in ("test_readme_examples_run", "test_readme_sphere_example_runs")}
-    assert marks == {"test_readme_examples_run": [], "test_readme_sphere_example_runs": ["skipif"]}
+    assert marks == {"test_readme_examples_run": [], "test_readme_sphere_example_runs": []}
 
 
 def _show(*args):

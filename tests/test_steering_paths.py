@@ -17,36 +17,28 @@ from steerflow.steering.guidance import (DDS, DPS, OTODE, DFlow, Dreamguider, En
                                          Lookahead, PnPFlow, SteerflowDefault)
 from steerflow.steering.operators import Dense, NonLinear
 
-D = torch.float64
-MIX = GaussianMixture([0.5, 0.5], [[-1.0, -1.0], [1.0, 1.0]], [[[0.25, 0.1], [0.1, 0.25]]] * 2)
-A = Dense(torch.tensor([[1.0, 0.0]], dtype=D))
-Y = torch.tensor([0.4], dtype=D)
-SIGMA = 0.3
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+from guidance_helpers import A, D, MIX, SIGMA, Y, seeded
 
 
 def _denoiser(path_name, x, t):
     """Exact ``E[x_1 | x_t = x]`` on the named path, from the linear-path mixture."""
-    c = PathVelocity(MIX.velocity, path_name).path.coefficients(t, x)
+    c = get_path(path_name).coefficients(t, x)
     k = c.alpha_t + c.sigma_t
     return MIX.denoiser(x / k, (c.alpha_t / k).reshape(-1))
 
 
 def test_path_velocity_is_the_exact_field_of_each_path():
-    x = torch.randn(16, 2, generator=_gen(0), dtype=D)
+    x = torch.randn(16, 2, generator=seeded(0), dtype=D)
     t = torch.full((16,), 0.3, dtype=D)
     torch.testing.assert_close(PathVelocity(MIX.velocity, "linear")(x, t), MIX.velocity(x, t), rtol=0, atol=1e-14)
     for name in ("cosine", "vp", "polynomial"):
         v = PathVelocity(MIX.velocity, name)
         # the path's conversions turn its velocity into the exact denoiser, and its flow carries N(0, I) to the data
         torch.testing.assert_close(v.path.x1_from_velocity(v(x, t), x, t), _denoiser(name, x, t), rtol=0, atol=1e-12)
-    x1 = sample(PathVelocity(MIX.velocity, "cosine"), torch.randn(1000, 2, generator=_gen(1), dtype=D), steps=60,
+    x1 = sample(PathVelocity(MIX.velocity, "cosine"), torch.randn(1000, 2, generator=seeded(1), dtype=D), steps=60,
                 method="rk4")
-    ref = MIX.sample(1000, _gen(2))
-    assert energy_distance(x1, ref) < 3 * energy_distance(MIX.sample(1000, _gen(3)), ref) + 2e-3
+    ref = MIX.sample(1000, seeded(2))
+    assert energy_distance(x1, ref) < 3 * energy_distance(MIX.sample(1000, seeded(3)), ref) + 2e-3
 
 
 def _recorder():
@@ -74,9 +66,9 @@ RECORDED = {  # methods whose measurement sees the data prediction x̂_1
 def test_guidance_reads_x1_from_the_models_path(name, path):
     seen, op = _recorder()
     v = PathVelocity(MIX.velocity, path)  # carries .path: no path= needed
-    x = torch.randn(8, 2, generator=_gen(4), dtype=D)
+    x = torch.randn(8, 2, generator=seeded(4), dtype=D)
     t = torch.full((8,), 0.3, dtype=D)
-    RECORDED[name](op).velocity(v, x, t, torch.tensor(0.05, dtype=D), generator=_gen(5))
+    RECORDED[name](op).velocity(v, x, t, torch.tensor(0.05, dtype=D), generator=seeded(5))
     torch.testing.assert_close(seen[0], _denoiser(path, x, t), rtol=0, atol=1e-10)
 
 
@@ -88,7 +80,7 @@ def test_classifier_guidance_on_x1_reads_the_models_path():
         return torch.stack([x1[:, 0], -x1[:, 0]], 1)
 
     v = PathVelocity(MIX.velocity, "cosine")
-    x = torch.randn(8, 2, generator=_gen(6), dtype=D)
+    x = torch.randn(8, 2, generator=seeded(6), dtype=D)
     t = torch.full((8,), 0.3, dtype=D)
     ClassifierGuidance(classifier, 0, on="x1_hat").velocity(v, x, t, torch.tensor(0.05, dtype=D))
     torch.testing.assert_close(seen[0], _denoiser("cosine", x, t), rtol=0, atol=1e-10)
@@ -96,10 +88,10 @@ def test_classifier_guidance_on_x1_reads_the_models_path():
 
 def test_exact_guidance_on_a_cosine_model_reproduces_the_exact_posterior():
     post = MIX.posterior(A.A, Y, SIGMA)
-    x0 = torch.randn(600, 2, generator=_gen(7), dtype=D)
+    x0 = torch.randn(600, 2, generator=seeded(7), dtype=D)
     x = sample(PathVelocity(MIX.velocity, "cosine"), x0, steps=60, guidance=ExactPosteriorGuidance(MIX, A, Y, SIGMA))
-    ref = post.sample(600, _gen(8))
-    assert energy_distance(x, ref) < 3 * energy_distance(post.sample(600, _gen(9)), ref) + 5e-3
+    ref = post.sample(600, seeded(8))
+    assert energy_distance(x, ref) < 3 * energy_distance(post.sample(600, seeded(9)), ref) + 5e-3
     torch.testing.assert_close(x.mean(0), post.weights @ post.means, atol=0.08, rtol=0)
 
 
@@ -110,9 +102,9 @@ def test_default_is_exact_for_a_gaussian_prior_on_other_paths(path):
     op = Dense(torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -1.0]], dtype=D))
     y = torch.tensor([0.7, -0.2], dtype=D)
     post = g.posterior(op.A, y, 0.2)
-    x0 = torch.randn(2000, 3, generator=_gen(10), dtype=D)
+    x0 = torch.randn(2000, 3, generator=seeded(10), dtype=D)
     x = sample(PathVelocity(g.velocity, path), x0, steps=60, guidance=SteerflowDefault(op, y, 0.2),
-               generator=_gen(11))
+               generator=seeded(11))
     torch.testing.assert_close(x.mean(0), post.means[0], atol=0.04, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), post.covs[0], atol=0.04, rtol=0)
 
@@ -120,11 +112,30 @@ def test_default_is_exact_for_a_gaussian_prior_on_other_paths(path):
 def test_path_argument_for_a_plain_field_and_a_conflicting_one():
     v = PathVelocity(MIX.velocity, "cosine")
     plain = lambda x, t: v(x, t)  # noqa: E731 — a field that does not carry its path
-    x0 = torch.randn(64, 2, generator=_gen(12), dtype=D)
+    x0 = torch.randn(64, 2, generator=seeded(12), dtype=D)
     want = sample(v, x0, steps=10, guidance=DPS(A, Y, SIGMA))
     torch.testing.assert_close(sample(plain, x0, steps=10, guidance=DPS(A, Y, SIGMA, path="cosine")), want)
     with pytest.raises(ValueError, match="trained with AffinePath"):
         sample(v, x0, steps=10, guidance=DPS(A, Y, SIGMA, path="linear"))
+
+
+def test_the_models_path_is_read_once_per_solve_not_at_every_step():
+    reads = []
+
+    class Model:  # a cosine-path model that counts reads of its path
+        @property
+        def path(self):
+            reads.append(1)
+            return get_path("cosine")
+
+        def __call__(self, x, t):
+            return PathVelocity(MIX.velocity, "cosine")(x, t)
+
+    x0 = torch.randn(16, 2, generator=seeded(15), dtype=D)
+    for g in (DPS(A, Y, SIGMA), SteerflowDefault(A, Y, SIGMA), ClassifierGuidance(lambda x, t: x, 0)):
+        reads.clear()
+        sample(Model(), x0, steps=20, method="midpoint", guidance=g)
+        assert len(reads) <= 2, f"{type(g).__name__}: {len(reads)} reads"  # check() and initial()
 
 
 def test_non_affine_paths_are_refused():
@@ -169,10 +180,10 @@ def test_velocity_guidances_accept_adaptive_solvers(make):
 def test_polynomial_path_has_no_prediction_at_t0_and_is_stepped_unguided():
     """α σ̇ − σ α̇ = 0 at t = 0 on the polynomial path (v = 0 there): no NaN from x̂_1, the solve still steers."""
     v = PathVelocity(MIX.velocity, "polynomial")
-    x0 = torch.randn(128, 2, generator=_gen(13), dtype=D)
+    x0 = torch.randn(128, 2, generator=seeded(13), dtype=D)
     base = sample(v, x0, steps=30)
     for g in (FlowChef(A, Y, SIGMA, step_size=0.2), SteerflowDefault(A, Y, SIGMA), DDS(A, Y, SIGMA, gamma=1.0)):
-        x = sample(v, x0, steps=30, guidance=g, generator=_gen(14))
+        x = sample(v, x0, steps=30, guidance=g, generator=seeded(14))
         assert float((x[:, 0] - Y).pow(2).mean()) < 0.5 * float((base[:, 0] - Y).pow(2).mean())
 
 

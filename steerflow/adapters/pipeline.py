@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 
 from ..steering.operators import AbstractLinearOperator, AbstractOperator, AvgPool, Blur, Colorize, Identity, Mask
+from .diffusers import grid_from_scheduler
 
-__all__ = ["FlowPipeline", "PipelineVelocity", "PromptEmbeds", "DecodedOperator", "PIPELINE_KINDS"]
+__all__ = ["FlowPipeline", "PipelineVelocity", "PromptEmbeds", "DecodedOperator", "PIPELINE_KINDS", "pack_latents",
+           "unpack_latents"]
 
 PIPELINE_KINDS = ("sd3", "flux")
 """The pipeline families :class:`FlowPipeline` understands (by their transformer class)."""
@@ -67,6 +69,28 @@ def _check_libraries(folder: Path) -> list[str]:
     return [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None]
 
 
+def pack_latents(z: Tensor) -> Tensor:
+    """Flux's tokens (b, h/2 · w/2, 4C) of unpacked latents (b, C, h, w): one token per 2 × 2 patch, row-major."""
+    b, c, h, w = z.shape
+    return z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The inverse of :func:`pack_latents`: (b, h/2 · w/2, 4C) tokens → (b, C, h, w) latents."""
+    b, _, c4 = tokens.shape
+    c = c4 // 4
+    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _check_output(output: str) -> None:
+    if output not in ("image", "latent"):
+        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+
+
+def _chunks(x: Tensor, size: int | None) -> tuple[Tensor, ...]:
+    return x.split(size) if size else (x,)
+
+
 @dataclass(frozen=True)
 class PromptEmbeds:
     """Encoded prompts: token embeddings ``embeds`` (p, L, D), pooled embeddings ``pooled`` (p, P) and, for
@@ -97,7 +121,8 @@ class PromptEmbeds:
         if self.embeds.shape[1:] != other.embeds.shape[1:]:
             raise ValueError(f"prompt embeddings of shapes {tuple(self.embeds.shape)} and {tuple(other.embeds.shape)} "
                              "cannot be stacked (use the same max_sequence_length)")
-        return replace(self, embeds=torch.cat([self.embeds, other.embeds]), pooled=torch.cat([self.pooled, other.pooled]))
+        return replace(self, embeds=torch.cat([self.embeds, other.embeds]),
+                       pooled=torch.cat([self.pooled, other.pooled]))
 
     def to(self, device=None, dtype=None) -> "PromptEmbeds":
         ids = self.text_ids.to(device=device) if self.text_ids is not None else None
@@ -210,13 +235,23 @@ class FlowPipeline:
         return int(self.pipeline.default_sample_size * self.vae_scale_factor)
 
     @property
+    def has_text_encoders(self) -> bool:
+        """Whether prompts can be encoded (a pipeline saved or loaded without its text encoders cannot)."""
+        return any(getattr(self.pipeline, n, None) is not None
+                   for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+    @property
     def guidance_embedded(self) -> bool:
         """Flux dev: the guidance scale is an input of the transformer (distilled guidance)."""
         return self.kind == "flux" and bool(self.transformer.config.get("guidance_embeds", False))
 
+    @property
+    def _patch(self) -> int:
+        """Latent cells per image token along each axis (Flux packs 2 × 2; SD3 has its patch size)."""
+        return 2 if self.kind == "flux" else int(self.transformer.config.get("patch_size", 1) or 1)
+
     def _multiple(self) -> int:
-        patch = self.transformer.config.get("patch_size", 1) or 1
-        return self.vae_scale_factor * (2 if self.kind == "flux" else int(patch))
+        return self.vae_scale_factor * self._patch
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """``(height, width)`` in pixels (the default size where ``None``); each must be a multiple of the
@@ -253,9 +288,8 @@ class FlowPipeline:
         cfg = self.scheduler.config
         if not cfg.get("use_dynamic_shifting", False):
             return None
-        c, h, w = self.latent_shape(height, width)
-        patch = 2 if self.kind == "flux" else int(self.transformer.config.get("patch_size", 1) or 1)
-        seq = (h // patch) * (w // patch)
+        _, h, w = self.latent_shape(height, width)
+        seq = (h // self._patch) * (w // self._patch)
         base_seq, max_seq = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15 if self.kind == "flux" else 1.16)
         m = (top - base) / (max_seq - base_seq)
@@ -275,12 +309,9 @@ class FlowPipeline:
         if self.kind == "flux" and not sched.config.get("use_flow_sigmas", False):
             import numpy as np
 
-            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-            sched.set_timesteps(steps, device="cpu", **kwargs)
-        else:
-            sched.set_timesteps(steps, device="cpu", **kwargs)
-        sigmas = torch.as_tensor(sched.sigmas, dtype=torch.float32)
-        return 1 - sigmas.to(torch.float64)
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # what FluxPipeline passes
+        sched.set_timesteps(steps, device="cpu", **kwargs)
+        return grid_from_scheduler(sched)
 
     # --- prompts --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str]) -> PromptEmbeds:
@@ -301,8 +332,7 @@ class FlowPipeline:
         if key in self._prompt_cache:
             return self._prompt_cache[key]
         pipe = self.pipeline
-        encoders = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)]
-        if all(getattr(pipe, n) is None for n in encoders):
+        if not self.has_text_encoders:
             raise ValueError("this pipeline was loaded without text encoders, so it cannot encode a prompt; pass "
                              "prompt_embeds=PromptEmbeds(...) or load the pipeline with its text encoders")
         with torch.no_grad():
@@ -358,15 +388,10 @@ class FlowPipeline:
         ``vae.decode(z / scaling_factor + shift_factor)``. Differentiable (FlowChef's gradients pass through
         the decoder only); ``chunk_size`` decodes that many latents at a time to bound memory."""
         self._check_latents(latents)
-        cfg = self.vae.config
-        scale, shift = cfg.scaling_factor, cfg.get("shift_factor", None) or 0.0
-        chunks = latents.split(chunk_size) if chunk_size else (latents,)
-        out = []
-        for z in chunks:
-            z = z / scale + shift
-            img = self.vae.decode(z.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
-            out.append(img.to(dtype=latents.dtype if latents.is_floating_point() else torch.float32))
-        return torch.cat(out) if len(out) > 1 else out[0]
+        scale, shift = self._vae_factors()
+        out = [self.vae.decode((z / scale + shift).to(device=self.device, dtype=self.vae.dtype),
+                               return_dict=False)[0].to(latents.dtype) for z in _chunks(latents, chunk_size)]
+        return torch.cat(out)
 
     def encode(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
                chunk_size: int | None = None) -> Tensor:
@@ -376,19 +401,23 @@ class FlowPipeline:
             raise ValueError(f"encode expects images (b, 3, H, W) in [-1, 1], got "
                              f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
         self.check_size(images.shape[2], images.shape[3])
-        cfg = self.vae.config
-        scale, shift = cfg.scaling_factor, cfg.get("shift_factor", None) or 0.0
+        scale, shift = self._vae_factors()
         out = []
-        for x in (images.split(chunk_size) if chunk_size else (images,)):
+        for x in _chunks(images, chunk_size):
             dist = self.vae.encode(x.to(device=self.device, dtype=self.vae.dtype)).latent_dist
             z = dist.sample(generator) if sample else dist.mode()
-            out.append(((z.float() - shift) * scale))
-        return torch.cat(out) if len(out) > 1 else out[0]
+            out.append((z.float() - shift) * scale)
+        return torch.cat(out)
+
+    def _vae_factors(self) -> tuple[float, float]:
+        """``(scaling_factor, shift_factor)``: latents are ``(z_vae − shift) · scaling``."""
+        cfg = self.vae.config
+        return cfg.scaling_factor, cfg.get("shift_factor", None) or 0.0
 
     def _check_latents(self, z: Tensor) -> None:
-        if not torch.is_tensor(z) or z.ndim != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"expected unpacked latents (b, {self.latent_channels}, h, w), got "
-                             f"{tuple(z.shape) if torch.is_tensor(z) else type(z).__name__}")
+        if not torch.is_tensor(z) or not z.is_floating_point() or z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected unpacked latents (b, {self.latent_channels}, h, w) of a float dtype, got "
+                             f"{(tuple(z.shape), z.dtype) if torch.is_tensor(z) else type(z).__name__}")
 
     # --- measurements -----------------------------------------------------------------------------------
     def pixel_operator(self, operator: AbstractOperator, *, chunk_size: int | None = None) -> "DecodedOperator":
@@ -446,12 +475,9 @@ class FlowPipeline:
         """
         from ..solvers.sample import sample
 
-        if output not in ("image", "latent"):
-            raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
-        if self.kind == "sd3" and guidance_scale is None:
-            guidance_scale = 7.0
-        v = self.velocity(prompt, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          prompt_embeds=prompt_embeds)
+        _check_output(output)
+        v = self.velocity(prompt, guidance_scale=self._default_guidance(guidance_scale),
+                          negative_prompt=negative_prompt, prompt_embeds=prompt_embeds)
         b = v.embeds.batch * int(n)
         if latents is None:
             latents = self.noise(b, height=height, width=width, generator=generator)
@@ -461,11 +487,26 @@ class FlowPipeline:
         ts = self.time_grid(steps, height=height, width=width)
         z = sample(v, latents, ts=ts, method=method, guidance=guidance, generator=generator, progress=progress,
                    cost=cost)
+        return self._finish(z, output, decode_chunk_size)
+
+    def _default_guidance(self, guidance_scale: float | None) -> float | None:
+        """Generation uses the pipeline's own default guidance for SD3 (CFG 7.0); Flux's is set in velocity()."""
+        return 7.0 if self.kind == "sd3" and guidance_scale is None else guidance_scale
+
+    def _finish(self, z: Tensor, output: str, chunk_size: int | None = None) -> Tensor:
+        """Release diffusers' offload hooks, then the latents or their decoded images."""
         self.pipeline.maybe_free_model_hooks()
         if output == "latent":
             return z
         with torch.no_grad():
-            return self.decode(z, chunk_size=decode_chunk_size)
+            return self.decode(z, chunk_size=chunk_size)
+
+    def _invert(self, z1: Tensor, prompt, ts: Tensor, *, gamma: float, guidance_scale: float | None,
+                generator: torch.Generator | None, method: str, progress: bool) -> Tensor:
+        from ..steering.inversion import invert
+
+        v = self.velocity(prompt, guidance_scale=guidance_scale)
+        return invert(v, z1, ts=ts, gamma=gamma, generator=generator, method=method, progress=progress)
 
     def invert(self, images: Tensor, prompt: str | Sequence[str] = "", *, steps: int = 28, gamma: float = 0.0,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
@@ -473,13 +514,11 @@ class FlowPipeline:
         """Latent noise (b, C, h, w) of real images (b, 3, H, W) in ``[−1, 1]``: encode, then the flow under
         ``prompt`` run backward on the scheduler's grid (``gamma > 0``: RF-Inversion's controlled inversion
         toward a fresh noise draw, :func:`steerflow.steering.invert`). SD3 inverts without CFG by default."""
-        from ..steering.inversion import invert
-
         with torch.no_grad():
             z1 = self.encode(images)
-        v = self.velocity(prompt if isinstance(prompt, str) else list(prompt), guidance_scale=guidance_scale)
         ts = self.time_grid(steps, height=images.shape[2], width=images.shape[3])
-        return invert(v, z1, ts=ts, gamma=gamma, generator=generator, method=method, progress=progress)
+        return self._invert(z1, prompt, ts, gamma=gamma, guidance_scale=guidance_scale, generator=generator,
+                            method=method, progress=progress)
 
     def edit(self, images: Tensor, prompt: str | Sequence[str], *, source_prompt: str = "", steps: int = 28,
              gamma: float = 0.5, eta: float = 0.9, window: tuple[float, float] = (0.0, 0.25),
@@ -489,25 +528,18 @@ class FlowPipeline:
         ``source_prompt`` (strength ``gamma``) → generation under ``prompt`` with the editing controller ``eta``
         pulling toward the encoded image on ``window`` (``t`` from 0 = noise). Returns images in ``[−1, 1]``
         (or latents with ``output="latent"``)."""
-        from ..steering.inversion import edit, invert
+        from ..steering.inversion import edit
 
-        if output not in ("image", "latent"):
-            raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+        _check_output(output)
         with torch.no_grad():
             z1 = self.encode(images)
-        height, width = images.shape[2], images.shape[3]
-        ts = self.time_grid(steps, height=height, width=width)
-        src = self.velocity(source_prompt, guidance_scale=None if self.kind == "sd3" else guidance_scale)
-        z0 = invert(src, z1, ts=ts, gamma=gamma, generator=generator, method=method, progress=progress)
-        if self.kind == "sd3" and guidance_scale is None:
-            guidance_scale = 7.0
-        target = self.velocity(prompt, guidance_scale=guidance_scale)
+        ts = self.time_grid(steps, height=images.shape[2], width=images.shape[3])
+        # SD3 inverts without CFG (the guided field does not invert stably); Flux dev keeps its embedded guidance
+        z0 = self._invert(z1, source_prompt, ts, gamma=gamma, generator=generator, method=method, progress=progress,
+                          guidance_scale=None if self.kind == "sd3" else guidance_scale)
+        target = self.velocity(prompt, guidance_scale=self._default_guidance(guidance_scale))
         z = edit(target, z0, z1, eta=eta, window=window, ts=ts, method=method, generator=generator, progress=progress)
-        self.pipeline.maybe_free_model_hooks()
-        if output == "latent":
-            return z
-        with torch.no_grad():
-            return self.decode(z)
+        return self._finish(z, output)
 
 
 class PipelineVelocity:
@@ -525,7 +557,7 @@ class PipelineVelocity:
         self.num_train_timesteps = float(pipe.scheduler.config.num_train_timesteps)
         # the execution device and dtype are looked up once (both walk the modules in diffusers)
         self.device, self.dtype = pipe.device, pipe.dtype
-        self._prepared: dict[tuple[int, int, bool], PromptEmbeds] = {}
+        self._prepared: dict[tuple[int, bool], PromptEmbeds] = {}
         self._ids: dict[tuple[int, int], Tensor] = {}
 
     def _embeds(self, cond: PromptEmbeds | None, b: int, cfg: bool) -> PromptEmbeds:
@@ -533,7 +565,7 @@ class PipelineVelocity:
         prompt: SD3's ``[negative, prompt]`` stack is built once per batch size)."""
         if cond is not None:
             return cond.expand_to(b).to(self.device, self.dtype)
-        key = (id(self.embeds), b, cfg)
+        key = (b, cfg)
         if key not in self._prepared:
             e = self.embeds.expand_to(b)
             if cfg:
@@ -582,8 +614,8 @@ class PipelineVelocity:
         return self._ids[(h, w)]
 
     def _flux(self, z: Tensor, timestep: Tensor, embeds: PromptEmbeds) -> Tensor:
-        b, c, h, w = z.shape
-        packed = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+        b, _, h, w = z.shape
+        packed = pack_latents(z)
         guidance = None
         if self.pipe.guidance_embedded:
             guidance = torch.full((b,), float(self.guidance_scale), device=self.device, dtype=torch.float32)
@@ -593,7 +625,7 @@ class PipelineVelocity:
                                     guidance=guidance, pooled_projections=embeds.pooled,
                                     encoder_hidden_states=embeds.embeds, txt_ids=embeds.text_ids,
                                     img_ids=self._image_ids(h, w), return_dict=False)[0]
-        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack_latents(out, h, w)
 
     @property
     def model(self) -> Any:

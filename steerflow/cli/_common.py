@@ -70,9 +70,16 @@ CKPT_EVERY = 1000
 U-Net on a CPU), for one checkpoint write per 1000 steps (each replaces the previous one)."""
 
 
+def _ckpt_every(s: str) -> int | None:
+    """``--ckpt-every N`` as the libraries take it: N, or None for 0 (a checkpoint at the end only)."""
+    return nonneg_int(s) or None
+
+
 def add_checkpointing(p: argparse.ArgumentParser) -> None:
-    """``--ckpt-every`` and ``--resume`` of the commands that train (``train``, ``reflow``, ``distill``)."""
-    p.add_argument("--ckpt-every", type=nonneg_int, default=CKPT_EVERY, metavar="N",
+    """``--ckpt-every`` (``args.ckpt_every``: an int, or None for 0, as ``train``'s ``ckpt_every`` and
+    ``FitCheckpoints``' ``every`` take it) and ``--resume`` of the commands that train (``train``, ``reflow``,
+    ``distill``)."""
+    p.add_argument("--ckpt-every", type=_ckpt_every, default=CKPT_EVERY, metavar="N",
                    help="write a checkpoint into --out every N steps and at the end (each replaces the previous "
                         "one), so a killed run can be continued with --resume; 0: only at the end")
     p.add_argument("--resume", action="store_true",
@@ -88,11 +95,26 @@ def check_out(out: Path, resume: bool) -> None:
         raise CLIError(f"--resume: no run to resume in {str(out)!r}")
     if resume:
         return
-    found = [name for name in ("latest.json", "log.jsonl") if (out / name).exists()
-             and (name != "log.jsonl" or is_main_process())]
-    if found:
-        raise CLIError(f"--out {str(out)!r} already holds a run ({found[0]}); pass --resume to continue it, or "
+    from ..training.checkpoint import earlier_run
+
+    found = earlier_run(out, log=is_main_process())
+    if found is not None:
+        raise CLIError(f"--out {str(out)!r} already holds a run ({found}); pass --resume to continue it, or "
                        "choose another --out")
+
+
+def begin_run(out: Path, info: "RunInfo", resume: bool) -> None:
+    """``run.json`` of a fresh run, written before it trains so that an interrupted run's checkpoint loads with
+    its provenance; a resumed run's is kept until its settings are checked (:func:`end_run` writes it)."""
+    if is_main_process() and not resume:
+        info.save(out)
+
+
+def end_run(out: Path, info: "RunInfo", summary: str) -> None:
+    """``run.json`` beside the final checkpoint and the one-line ``summary`` on stderr (rank 0 only)."""
+    if is_main_process():
+        info.save(out)
+        print(summary, file=sys.stderr)
 
 
 def is_main_process() -> bool:

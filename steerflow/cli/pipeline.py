@@ -78,10 +78,13 @@ def _load(args: argparse.Namespace):
 
 
 def _quiet_transformers() -> None:
-    """transformers and diffusers log advice (optional image processors, accelerate); the CLI shows errors only."""
+    """transformers and diffusers log advice (optional image processors, accelerate) and show loading bars; the
+    CLI shows errors and its own sampling progress only."""
     for name in ("transformers", "diffusers"):
         try:
-            __import__(name).utils.logging.set_verbosity_error()
+            logging = __import__(name).utils.logging
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
         except (ImportError, AttributeError):
             pass
 
@@ -93,9 +96,7 @@ def _size(pipe, args) -> tuple[int, int]:
 def _input(pipe, args, what: str = "--input") -> torch.Tensor:
     from ..data.images import load_image
 
-    size = None
-    if args.height is not None or args.width is not None:
-        size = pipe.check_size(args.height, args.width)
+    size = _size(pipe, args) if args.height is not None or args.width is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x = load_image(args.input, size=size, multiple=pipe._multiple(), what=what)
@@ -118,9 +119,7 @@ def _prompt(pipe, args, *, required: bool = True) -> str | None:
         if required:
             raise CLIError("--pipeline needs --prompt (the text to generate from)")
         return None
-    has_encoder = any(getattr(pipe.pipeline, n, None) is not None
-                      for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
-    if not has_encoder:
+    if not pipe.has_text_encoders:
         raise CLIError(f"--prompt: the pipeline at {args.pipeline or args.ckpt!r} has no text encoder, so it cannot "
                        "encode a prompt (save the pipeline with its text encoders)")
     return args.prompt
@@ -162,44 +161,33 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def _pixel_task(args, shape: tuple[int, int, int], input_size: tuple[int, int]):
-    """The pixel-space operator of ``--task``; a mask image must have the input file's size (it is resized
-    with the input, nearest neighbour)."""
+    """The pixel-space operator of ``--task`` (:func:`steerflow.cli.steer.build_task`; 70 % of the pixels hidden
+    for ``--mask random``); a mask image must have the input file's size (it is resized with the input,
+    nearest neighbour)."""
     from ..data.images import load_mask
-    from ..steering.operators import AvgPool, Blur, Colorize, Identity, Mask
+    from ..steering.operators import Mask
+    from .steer import build_task
 
-    C_, H, W = shape
-    if args.task == "inpaint":
-        if args.mask in (None, "box"):
-            return Mask.box(shape, H // 4, W // 4, max(1, H // 2), max(1, W // 2))
-        if args.mask == "random":
-            return Mask.random(shape, 0.3, C.generator(args.seed + 1))
+    _, H, W = shape
+    if args.mask not in (None, "box") and args.task != "inpaint":
+        raise CLIError(f"--mask is for --task inpaint, not {args.task}")
+    if args.task == "inpaint" and args.mask not in (None, "box", "random"):
         keep = load_mask(args.mask, size=input_size, what="--mask")
         if tuple(keep.shape) != (H, W):
             keep = torch.nn.functional.interpolate(keep[None, None].float(), size=(H, W), mode="nearest")[0, 0] > 0.5
         return Mask(keep.expand(shape).clone())
-    if args.mask not in (None, "box"):
-        raise CLIError(f"--mask is for --task inpaint, not {args.task}")
-    if args.task == "superres":
-        if H % args.factor or W % args.factor:
-            raise CLIError(f"--factor {args.factor} must divide the image size {W}x{H}")
-        return AvgPool(args.factor, shape)
-    if args.task == "deblur":
-        if args.blur == "motion":
-            return Blur.motion(args.blur_size, args.blur_angle, shape)
-        return Blur.gaussian(args.blur_size, args.blur_std, shape)
-    if args.task == "colorize":
-        return Colorize(shape)
-    return Identity(shape)
-
-
-def _method(name: str, operator, y, sigma: float, scale: float | None, ensemble: int):
-    from .steer import build_method
-
-    return build_method(name, operator, y, sigma, scale=scale, ensemble_size=ensemble if name == "enkg" else None)
+    name = "random" if args.task == "inpaint" and args.mask == "random" else args.task
+    try:
+        return build_task(name, shape, generator=C.generator(args.seed + 1), p_observed=0.3, factor=args.factor,
+                          blur=args.blur, blur_size=args.blur_size, blur_std=args.blur_std,
+                          blur_angle=args.blur_angle)
+    except ValueError as e:
+        raise CLIError(f"--task {args.task}: {e}") from None
 
 
 def run_steer(args: argparse.Namespace) -> int:
     from ..metrics.cost import Cost
+    from .steer import _image_metrics, build_method
 
     if args.task not in PIPELINE_TASKS:
         raise CLIError(f"--task {args.task} is not a pipeline task; expected one of {list(PIPELINE_TASKS)}")
@@ -224,9 +212,9 @@ def run_steer(args: argparse.Namespace) -> int:
         guidance = None
     elif space == "latent":
         op_z, y_z = pipe.latent_measurement(A, y)
-        guidance = _method(method, op_z, y_z, args.latent_noise, args.scale, reps)
+        guidance = build_method(method, op_z, y_z, args.latent_noise, scale=args.scale, ensemble_size=reps)
     else:
-        guidance = _method(method, pipe.pixel_operator(A), y, args.noise, args.scale, reps)
+        guidance = build_method(method, pipe.pixel_operator(A), y, args.noise, scale=args.scale, ensemble_size=reps)
     cost = Cost()
     t0 = time.perf_counter()
     z = pipe.generate(prompt, n=reps, steps=args.steps or 28, guidance_scale=args.guidance,
@@ -235,8 +223,6 @@ def run_steer(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = pipe.decode(z.mean(0, keepdim=True))  # EnKG: the ensemble mean
     seconds = time.perf_counter() - t0
-    from .steer import _image_metrics
-
     metrics = {"task": args.task, "method": method, "space": space, "prompt": prompt, "noise": args.noise,
                "steps": args.steps or 28, "seed": args.seed, "scale": args.scale, **cost.as_dict(),
                "seconds": seconds, "ensemble": reps, **_image_metrics(result.float().cpu(), x_true.float().cpu())}

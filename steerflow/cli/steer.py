@@ -31,7 +31,7 @@ from .pipeline import add_pipeline_args, is_pipeline_folder, run_edit, run_inver
 
 __all__ = ["INVERSE_TASKS", "TASKS", "INVERSE_METHODS", "METHODS", "build_task", "build_method", "image_shape"]
 
-INVERSE_TASKS = ("inpaint", "box", "random", "superres", "deblur", "denoise")
+INVERSE_TASKS = ("inpaint", "box", "random", "superres", "deblur", "colorize", "denoise")
 """Operator names of :func:`build_task` (``inpaint`` is box inpainting)."""
 TASKS = ("inpaint", "superres", "deblur", "denoise", "class", "colorize")
 """``--task`` choices of ``steerflow steer``."""
@@ -51,14 +51,17 @@ METHODS = _methods()
 
 
 def build_task(name: str, shape: Sequence[int], *, generator: torch.Generator | None = None,
-               p_observed: float = 0.4, blur_size: int = 5, blur_std: float = 1.0, factor: int = 2):
+               p_observed: float = 0.4, blur_size: int = 5, blur_std: float = 1.0, factor: int = 2,
+               blur: str = "gaussian", blur_angle: float = 0.0):
     """The measurement operator of an inverse task for images of shape ``(C, H, W)``.
 
     ``inpaint``/``box``: the centre ``H/2 × W/2`` box hidden; ``random``: each pixel observed with
     probability ``p_observed`` (drawn from ``generator``); ``superres``: ``factor × factor`` average
-    pooling; ``deblur``: a ``blur_size`` Gaussian blur of std ``blur_std``; ``denoise``: the identity.
+    pooling; ``deblur``: a ``blur_size`` Gaussian blur of std ``blur_std`` (``blur="motion"``: a linear motion
+    blur of length ``blur_size`` at ``blur_angle`` degrees); ``colorize``: the grey image of an RGB image;
+    ``denoise``: the identity.
     """
-    from ..steering.operators import AvgPool, Blur, Identity, Mask
+    from ..steering.operators import AvgPool, Blur, Colorize, Identity, Mask
 
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3:
@@ -73,7 +76,13 @@ def build_task(name: str, shape: Sequence[int], *, generator: torch.Generator | 
             raise ValueError(f"superres by {factor} needs H and W divisible by {factor}, got {H}x{W}")
         return AvgPool(factor, shape)
     if name == "deblur":
+        if blur not in ("gaussian", "motion"):
+            raise ValueError(f"unknown blur {blur!r}; expected 'gaussian' or 'motion'")
+        if blur == "motion":
+            return Blur.motion(blur_size, blur_angle, shape)
         return Blur.gaussian(blur_size, blur_std, shape)
+    if name == "colorize":
+        return Colorize(shape)
     if name == "denoise":
         return Identity(shape)
     raise ValueError(f"unknown task {name!r}; expected one of {list(INVERSE_TASKS)}")

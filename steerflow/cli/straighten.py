@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from . import _common as C
@@ -90,7 +89,7 @@ def _checkpoints(args: argparse.Namespace, out: Path, config: dict):
     command's result, with ``config`` as its settings."""
     from ..straighten._fit import FitCheckpoints
 
-    return FitCheckpoints(out, config, every=args.ckpt_every or None, resume=args.resume)
+    return FitCheckpoints(out, config, every=args.ckpt_every, resume=args.resume)
 
 
 def run_reflow(args: argparse.Namespace) -> int:
@@ -107,16 +106,14 @@ def run_reflow(args: argparse.Namespace) -> int:
     config = {"command": "reflow", "teacher": str(teacher.directory), "n_pairs": args.n_pairs,
               "pair_method": args.pair_method, "pair_steps": _pair_steps(args), "steps": args.steps,
               "batch_size": args.batch, "lr": args.lr, "iterations": args.iterations, "seed": args.seed}
-    if not args.resume:  # (a resumed run's is kept until its settings are checked)
-        info.save(out)  # before training, so an interrupted run's checkpoint loads with its provenance
+    C.begin_run(out, info, args.resume)
     res = reflow(teacher.model, source=source, n_pairs=args.n_pairs, steps=_pair_steps(args), method=args.pair_method,
                  train_steps=args.steps, batch_size=args.batch, lr=args.lr, iterations=args.iterations,
                  path=teacher.info.path, seed=args.seed, progress=not args.quiet,
                  checkpoints=_checkpoints(args, out, config))
     res.pairs.save(out / PAIRS_FILE)
-    info.save(out)
-    print(f"{k}-rectified flow trained on {len(res.pairs)} pairs for {args.steps} steps x {args.iterations}; "
-          f"final loss {res.fits[-1].final_loss:.4g}; checkpoint in {out}", file=sys.stderr)
+    C.end_run(out, info, f"{k}-rectified flow trained on {len(res.pairs)} pairs for {args.steps} steps x "
+                         f"{args.iterations}; final loss {res.fits[-1].final_loss:.4g}; checkpoint in {out}")
     return 0
 
 
@@ -198,8 +195,7 @@ def run_distill(args: argparse.Namespace) -> int:
                  {"student_width": args.student_width, "student_depth": args.student_depth,
                   "student_bounded": args.student_bounded})}
     checkpoints = _checkpoints(args, out, config)
-    if not args.resume:  # (a resumed run's is kept until its settings are checked)
-        info.save(out)  # before training, so an interrupted run's checkpoint loads with its provenance
+    C.begin_run(out, info, args.resume)
     try:
         if args.warm_steps:  # regression onto the teacher's pairs alone (fit 0), then matching on the same pairs
             warm_ck, checkpoints = checkpoints.at(0, 0), checkpoints.at(1, args.warm_steps)
@@ -217,9 +213,9 @@ def run_distill(args: argparse.Namespace) -> int:
                       sliced_memory=args.sliced_memory, model=student, checkpoints=checkpoints)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    info.save(out)
-    print(f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for {args.steps} steps; "
-          f"final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample with --steps 1)", file=sys.stderr)
+    C.end_run(out, info, f"one-step model distilled from {teacher.directory} on {len(res.pairs)} pairs for "
+                         f"{args.steps} steps; final loss {res.fit.final_loss:.4g}; checkpoint in {out} (sample "
+                         "with --steps 1)")
     return 0
 
 

@@ -8,7 +8,6 @@ Lipman 2024): network ``TangentVelocity(MLP, M)`` (``v_θ(x, t) = P_x f_θ(x, t)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -157,17 +156,15 @@ def _run_manifold(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
                            f"({_split_words(*old_split)}{'' if same_data else ', other data'}), but this run "
                            f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
-    if C.is_main_process() and not args.resume:
-        info.save(out)  # before training, so an interrupted run can be loaded and resumed
+    C.begin_run(out, info, args.resume)
     res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold),
                 steps=args.steps, batch_size=args.batch, lr=args.lr, schedule=args.schedule,
                 ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out, resume=args.resume,
-                progress=not args.quiet, ckpt_every=args.ckpt_every or None)
+                progress=not args.quiet, ckpt_every=args.ckpt_every)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
-    if C.is_main_process():
-        info.save(out)
-        print(f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on {x_1.shape[0]} points "
-              f"of {args.data} ({args.split}); final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
+    C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on "
+                         f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}; "
+                         f"checkpoint in {out}")
     return 0
 
 
@@ -177,6 +174,7 @@ def _split_words(split: str, seed: int | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..training import train
+    from ..training.checkpoint import LATEST
 
     if args.manifold is not None:
         return _run_manifold(args)
@@ -197,22 +195,18 @@ def run(args: argparse.Namespace) -> int:
     source = C.source_sampler(args.source, event_shape)
     out = Path(args.out)
     C.check_out(out, args.resume)
-    if args.resume and (out / "latest.json").exists():
+    if args.resume and (out / LATEST).exists():
         _check_resume(out, model)
     coupling = None if args.coupling == "independent" else args.coupling  # independent: no re-pairing
     info = C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling, path=args.path)
-    if C.is_main_process() and not args.resume:  # (a resumed run's is kept until its settings are checked)
-        info.save(out)  # before training, so an interrupted run's checkpoint samples from the right source
+    C.begin_run(out, info, args.resume)  # (an interrupted run's checkpoint then samples from the right source)
     res = train(model, dataset, source=source, coupling=coupling, path=args.path, steps=args.steps,
                 batch_size=args.batch, lr=args.lr, schedule=args.schedule, ema_decay=args.ema or None,
                 seed=args.seed, device=device, out_dir=out, resume=args.resume, progress=not args.quiet,
-                coupling_workers=C.coupling_workers(args.coupling_workers, coupling),
-                ckpt_every=args.ckpt_every or None)
+                coupling_workers=C.coupling_workers(args.coupling_workers, coupling), ckpt_every=args.ckpt_every)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
-    if C.is_main_process():
-        info.save(out)
-        print(f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
-              f"final loss {final:.4g}; checkpoint in {out}", file=sys.stderr)
+    C.end_run(out, info, f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
+                         f"final loss {final:.4g}; checkpoint in {out}")
     return 0
 
 

@@ -255,17 +255,10 @@ static int row_minima_match(const double *C, int64_t n, int64_t *x, int64_t *y)
     return 1;
 }
 
-static void sort_doubles(double *a, int64_t m) /* insertion sort: m <= 128 */
+static int cmp_double(const void *p, const void *q)
 {
-    for (int64_t k = 1; k < m; k++) {
-        double h = a[k];
-        int64_t p = k;
-        while (p > 0 && a[p - 1] > h) {
-            a[p] = a[p - 1];
-            p--;
-        }
-        a[p] = h;
-    }
+    double a = *(const double *)p, b = *(const double *)q;
+    return (a > b) - (a < b);
 }
 
 #define SAMPLE_ROWS 4
@@ -285,14 +278,8 @@ static double spread(const double *C, int64_t n)
         }
         s[m] = hi - lo;
     }
-    sort_doubles(s, m);
+    qsort(s, (size_t)m, sizeof *s, cmp_double);
     return m % 2 ? s[m / 2] : 0.5 * (s[m / 2 - 1] + s[m / 2]);
-}
-
-static int cmp_double(const void *p, const void *q)
-{
-    double a = *(const double *)p, b = *(const double *)q;
-    return (a > b) - (a < b);
 }
 
 /* the fraction of distinct values in SAMPLE_ROWS evenly spaced rows (buf: n doubles of scratch). Integer
@@ -314,9 +301,7 @@ static double distinct_fraction(const double *C, int64_t n, double *buf)
 
 /* the automatic choice: no auction below AUCTION_MIN_N points (Jonker-Volgenant's paths are short there and the
  * auction's phases cost more than they save), nor when the sampled rows hold fewer than min(0.9 n, TIE_COUNT)
- * distinct values. Tuned on a one-off sweep (n = 16 ... 4096; Gaussian, integer-grid, rounded and duplicated
- * batches in 2-D and 16-D): Jonker-Volgenant alone was the faster where the rule picks it, by up to 30x on
- * integer grids, and within 1.3x of the auction where the rule picks the auction; either is exact. */
+ * distinct values; either choice is exact. */
 #define AUCTION_MIN_N 64
 #define TIE_COUNT 600.0
 
@@ -329,8 +314,8 @@ static double distinct_fraction(const double *C, int64_t n, double *buf)
  * start + JV).
  * Returns 0, or -1 when memory runs out.
  */
-int steerflow_assign(const double *C, int64_t n, int64_t *row_to_col, int64_t *col_to_row, double *v, int64_t cand,
-                     double eps_start, double eps_end, double theta, int64_t *stats)
+static int steerflow_assign(const double *C, int64_t n, int64_t *row_to_col, int64_t *col_to_row, double *v,
+                            int64_t cand, double eps_start, double eps_end, double theta, int64_t *stats)
 {
     stats[0] = stats[1] = stats[2] = stats[3] = 0;
     for (int64_t j = 0; j < n; j++) v[j] = 0.0;

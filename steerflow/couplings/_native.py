@@ -10,12 +10,9 @@ import functools
 import numpy as np
 
 # ε-scaling schedule as fractions of the costs' spread (the median row range, computed in C), and candidate-list
-# lengths by problem size: tuned on N(0, I) → moons batches of 32 … 4096, both bench_ot.py's Gaussian-noise moons
-# and steerflow.data's moons, whose thin jitter bands made a start at 1e-2 cost 1.5× more (3.3 vs 1.95 ms at 256, 65 vs
-# 37 ms at 1024, a one-off sweep of 0.01 / 0.03 / 0.1 / 0.3); 0.1 was as fast or faster on 8 gaussians → moons,
-# checkerboard and 16/64/784-D Gaussian batches too. The default start (None) lets the solver choose: no auction
-# below 64 points or on costs with few distinct values (ties make the auction's prices crawl by ε), else 0.1
-# (``_lap.c``, AUCTION_MIN_N). Any values give the exact optimum.
+# lengths by problem size. The default start (None) lets the solver choose: no auction below 64 points or on costs
+# with few distinct values (ties make the auction's prices crawl by ε), else 0.1 (``_lap.c``, AUCTION_MIN_N).
+# Any values give the exact optimum.
 EPS_START, EPS_END, THETA = None, 1e-6, 10.0
 
 # what stats["path"] means: the row minima already formed a permutation; Jonker–Volgenant alone; auction warm start
@@ -35,6 +32,15 @@ def _library():
     return _lap
 
 
+def _lib():
+    """The compiled module, or a RuntimeError saying how to build it."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("steerflow's compiled assignment solver is not built (reinstall with a C compiler: "
+                           "pip install -e .)")
+    return lib
+
+
 def available() -> bool:
     """Whether the compiled solver was built and loads."""
     return _library() is not None
@@ -46,7 +52,7 @@ def solve(C: np.ndarray, candidates: int | None = None, eps_start: float | None 
 
     Returns ``x`` (row → column), ``y`` (column → row), the column duals ``v`` and the raw counters."""
     x, y, v, stats, settings = _outputs(C.shape[0], candidates, eps_start, eps_end)
-    _library().assign(C, x, y, v, stats, *settings)
+    _lib().assign(C, x, y, v, stats, *settings)
     return x, y, v, stats
 
 
@@ -57,7 +63,7 @@ def solve_points(a: np.ndarray, b: np.ndarray, cost: str, candidates: int | None
     (no cancellation, no n × n array in Python). Raises ValueError when a cost overflows."""
     n, D = a.shape
     x, y, v, stats, settings = _outputs(n, candidates, eps_start, eps_end)
-    _library().assign_points(a, b, D, cost == "euclidean", x, y, v, stats, *settings)
+    _lib().assign_points(a, b, D, cost == "euclidean", x, y, v, stats, *settings)
     return x, y, v, stats
 
 
@@ -69,22 +75,19 @@ def _outputs(n: int, candidates: int | None, eps_start: float | None, eps_end: f
 
 
 def assign(C: np.ndarray, *, candidates: int | None = None, eps_start: float | None = EPS_START,
-           eps_end: float = EPS_END, check_finite: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Exact ``argmin_x Σ_i C[i, x[i]]`` over permutations of a square finite float64 matrix.
+           eps_end: float = EPS_END) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Exact ``argmin_x Σ_i C[i, x[i]]`` over permutations of a square finite float64 matrix (checked).
 
     Returns ``x`` (row → column), the column duals ``v`` (``C_ij − v_j ≥ C_{i x_i} − v_{x_i}`` for all
     ``j``: the optimality certificate) and counters ``{"bids", "rescans", "augmentations", "path"}`` (``path``
     indexes :data:`PATHS`). ``eps_start``/``eps_end`` are fractions of the costs' spread (the median row range;
-    ``eps_start = 0`` skips the auction, ``None`` lets the solver choose). ``check_finite=False`` skips the O(n²)
-    check for callers that made it.
+    ``eps_start = 0`` skips the auction, ``None`` lets the solver choose).
     """
-    if _library() is None:
-        raise RuntimeError("steerflow's compiled assignment solver is not built (reinstall with a C compiler: "
-                           "pip install -e .)")
+    _lib()
     C = np.ascontiguousarray(C, dtype=np.float64)
     if C.ndim != 2 or C.shape[1] != C.shape[0]:
         raise ValueError(f"C must be a square (n, n) matrix, got {C.shape}")
-    if check_finite and not np.isfinite(C).all():
+    if not np.isfinite(C).all():
         raise ValueError("the cost matrix holds NaN or inf")
     x, _, v, stats = solve(C, candidates, eps_start, eps_end)
     return x, v, {"bids": int(stats[0]), "rescans": int(stats[1]), "augmentations": int(stats[2]),

@@ -27,10 +27,7 @@ def _check_pair(x_0: Tensor, x_1: Tensor, labels: Tensor | None) -> None:
     if x_0.shape != x_1.shape:
         raise ValueError(f"x_0 and x_1 must have the same shape (b, *d); got {tuple(x_0.shape)} and "
                          f"{tuple(x_1.shape)}")
-    if x_0.numel() == 0:
-        # the batches stand for empirical distributions (1/b) Σ δ_x: there is none of zero samples (or no values)
-        raise ValueError(f"x_0 and x_1 must hold at least one sample with at least one value each; got the empty "
-                         f"batches of shape {tuple(x_0.shape)}")
+    _refuse_empty(x_0, x_1)
     if x_0.device != x_1.device:
         raise ValueError(f"x_0 and x_1 must be on the same device; got {x_0.device} and {x_1.device}")
     for name, x in (("x_0", x_0), ("x_1", x_1)):
@@ -42,6 +39,14 @@ def _check_pair(x_0: Tensor, x_1: Tensor, labels: Tensor | None) -> None:
         if labels.ndim < 1 or labels.shape[0] != x_1.shape[0]:
             raise ValueError(f"labels must have shape ({x_1.shape[0]},) or ({x_1.shape[0]}, *k) to match x_1, "
                              f"got {tuple(labels.shape)}")
+
+
+def _refuse_empty(x_0: Tensor, x_1: Tensor) -> None:
+    """Raise a ValueError naming the shapes when either batch holds no value: the batches stand for empirical
+    distributions (1/b) Σ δ_x, and there is none of zero samples (or of samples with no values)."""
+    if x_0.numel() == 0 or x_1.numel() == 0:
+        raise ValueError(f"x_0 and x_1 must hold at least one sample with at least one value each; got the empty "
+                         f"batches of shapes {tuple(x_0.shape)} and {tuple(x_1.shape)}")
 
 
 class AbstractCoupling(abc.ABC):
@@ -109,13 +114,12 @@ def _sqeuclidean(a: Tensor, b: Tensor) -> Tensor:
     c = torch.baddbmm(na.reshape(-1, n, 1), a_s.reshape(-1, n, D), b_s.reshape(-1, m, D).transpose(-1, -2),
                       alpha=-2.0)
     c = c.reshape(*a.shape[:-1], m).add_(nb[..., None, :])
-    loose = torch.nonzero(c < _RESOLVED * (na[..., :, None] + nb[..., None, :]), as_tuple=True)
-    rows, cols = (*loose[:-2], loose[-2]), (*loose[:-2], loose[-1])
+    *batch, rows, cols = torch.nonzero(c < _RESOLVED * (na[..., :, None] + nb[..., None, :]), as_tuple=True)
     step = max(1, _FIX_CHUNK // D)
-    for s in range(0, loose[0].numel(), step):
-        part = slice(s, s + step)
-        i, j = tuple(k[part] for k in rows), tuple(k[part] for k in cols)
-        c[(*i[:-1], i[-1], j[-1])] = (a[i] - b[j]).square().sum(-1)
+    for s in range(0, rows.numel(), step):
+        k = tuple(t[s:s + step] for t in batch)
+        i, j = rows[s:s + step], cols[s:s + step]
+        c[(*k, i, j)] = (a[(*k, i)] - b[(*k, j)]).square().sum(-1)
     return c
 
 

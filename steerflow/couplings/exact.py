@@ -225,8 +225,7 @@ def _assign(C: Tensor, solver: str, auction_min_size: int) -> Tensor:
 
 
 # CPU batches of at most this many values per sample, or n²·D terms in all, go to the compiled solver as points: it
-# forms the costs from explicit differences in C, 2–10× faster than torch up to there (a one-off sweep of
-# D = 2 … 784, n = 32 … 1024); larger ones go as a cost matrix formed by torch's matrix product.
+# forms the costs from explicit differences in C; larger ones go as a cost matrix formed by torch's matrix product.
 _POINTS_MAX_DIM, _POINTS_MAX_TERMS = 16, 1 << 19
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import AbstractIndexCoupling, Cost, _random_device, cost_matrix, resolve_cost
+from .base import AbstractIndexCoupling, Cost, _random_device, _refuse_empty, cost_matrix, resolve_cost
 from .exact import solve_assignment
 
 
@@ -155,9 +155,7 @@ class Sinkhorn(AbstractIndexCoupling):
         if x_0.shape[:batch_dims] != x_1.shape[:batch_dims] or x_0.shape[batch_dims + 1:] != x_1.shape[batch_dims + 1:]:
             raise ValueError(f"x_0 and x_1 must share batch dims and sample shape, got {tuple(x_0.shape)} and "
                              f"{tuple(x_1.shape)} with batch_dims={batch_dims}")
-        if x_0.numel() == 0 or x_1.numel() == 0:
-            raise ValueError(f"x_0 and x_1 must hold at least one sample with at least one value each; got the empty "
-                             f"batches of shapes {tuple(x_0.shape)} and {tuple(x_1.shape)}")
+        _refuse_empty(x_0, x_1)
         for name, x in (("x_0", x_0), ("x_1", x_1)):
             if x.ndim < batch_dims + 2:
                 raise ValueError(f"{name} must have shape (*B, n, *d) with {batch_dims} batch dims, got {tuple(x.shape)}")

@@ -5,7 +5,6 @@ nearest lower multiple a model needs, with a warning that says so; saving writes
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_SUFFIXES", "load_image", "load_mask", "save_image", "image_grid_tensor"]
+__all__ = ["IMAGE_SUFFIXES", "load_image", "load_mask", "save_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 """File types read and written here."""
@@ -96,31 +95,23 @@ def load_mask(path: str | Path, *, size: Sequence[int], what: str = "mask") -> T
     return ~fill
 
 
-def image_grid_tensor(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
-    """Tile images (b, C, H, W) into one (C, H', W') image, ``nrow`` per row (default ⌈√b⌉), white padding."""
-    b, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = torch.ones(c, rows * h + (rows - 1) * pad, nrow * w + (nrow - 1) * pad, dtype=images.dtype)
-    for i in range(b):
-        r, k = divmod(i, nrow)
-        grid[:, r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = images[i]
-    return grid
-
-
 def save_image(images: Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
-    """Write images (b, C, H, W) or (C, H, W) in ``[−1, 1]`` (clipped) to a PNG/JPEG; several become a grid.
-    Written atomically (temporary file, then rename)."""
+    """Write images (b, C, H, W) or (C, H, W) in ``[−1, 1]`` (clipped) to a PNG/JPEG; several become a grid
+    (:func:`steerflow.plotting.image_grid`: white 2-pixel gaps and border, ``nrow`` per row). Written atomically
+    (temporary file, then rename)."""
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"image output must end in {'/'.join(IMAGE_SUFFIXES)}, got {str(path)!r}")
     if not torch.is_tensor(images) or images.ndim not in (3, 4) or images.shape[-3] not in (1, 3):
         raise ValueError(f"expected images (b, C, H, W) or (C, H, W) with C = 1 or 3, got "
                          f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
-    images = images.detach().float().cpu()
-    if images.ndim == 4:
-        images = images[0] if images.shape[0] == 1 else image_grid_tensor(images.clamp(-1, 1), nrow)
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.ndim == 4 and images.shape[0] > 1:  # steerflow.plotting's mosaic: (H, W, 3) in [0, 1]
+        from ..plotting import image_grid
+
+        arr = np.round(image_grid(images.numpy(), nrow=nrow, value_range=(-1.0, 1.0)) * 255).astype(np.uint8)
+    else:
+        arr = ((images.reshape(images.shape[-3:]) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image = _pil()
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
     p.parent.mkdir(parents=True, exist_ok=True)

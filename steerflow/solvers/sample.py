@@ -112,43 +112,38 @@ def sample(
         guidance.check(base, solver=solver)  # e.g. "update, then step" methods refuse adaptive solvers
 
     with torch.set_grad_enabled(bool(enable_grad)):
-        return _integrate(base, x_0, ts, solver, guidance, geometry, generator, cost, nfe_before, return_trajectory,
-                          progress, check_finite)
+        x = x_0
+        if guidance is not None and hasattr(guidance, "initial"):
+            x = guidance.initial(base, x, ts, generator=generator, cost=cost)
+        xs = [x] if return_trajectory else None
+        n = ts.numel() - 1
+        it = range(n)
+        if progress:
+            from tqdm.auto import tqdm
 
-
-def _integrate(base, x_0, ts, solver, guidance, geometry, generator, cost, nfe_before, return_trajectory, progress,
-               check_finite):
-    x = x_0
-    if guidance is not None and hasattr(guidance, "initial"):
-        x = guidance.initial(base, x, ts, generator=generator, cost=cost)
-    xs = [x] if return_trajectory else None
-    n = ts.numel() - 1
-    it = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="sampling", unit="step", leave=False)
-    for i in it:
-        t, t_next = ts[i], ts[i + 1]
-        dt = t_next - t
-        if guidance is not None and hasattr(guidance, "velocity"):
-            def f(x_, t_, _dt=dt):
-                return guidance.velocity(base, x_, _expand(t_, x_), _dt, generator=generator, cost=cost)
-        else:
-            f = base
-        if isinstance(solver, Dopri5):
-            x = solver.integrate(f, x, t, t_next, geometry)
-        else:
-            x = solver.step(f, x, t, dt, geometry, generator)
-        if guidance is not None and hasattr(guidance, "after_step"):
-            x = guidance.after_step(base, x, _expand(t_next, x), t=_expand(t, x), generator=generator, cost=cost)
-        if check_finite and not torch.isfinite(x).all():
-            raise FloatingPointError(f"non-finite state after step {i + 1}/{n} (t={float(t):.4f} → {float(t_next):.4f})")
-        if xs is not None:
-            xs.append(x)
-    if return_trajectory:
-        return Trajectory(x=x, xs=torch.stack(xs), ts=ts, nfe=cost.nfe - nfe_before)
-    return x
+            it = tqdm(it, desc="sampling", unit="step", leave=False)
+        for i in it:
+            t, t_next = ts[i], ts[i + 1]
+            dt = t_next - t
+            if guidance is not None and hasattr(guidance, "velocity"):
+                def f(x_, t_, _dt=dt):
+                    return guidance.velocity(base, x_, _expand(t_, x_), _dt, generator=generator, cost=cost)
+            else:
+                f = base
+            if isinstance(solver, Dopri5):
+                x = solver.integrate(f, x, t, t_next, geometry)
+            else:
+                x = solver.step(f, x, t, dt, geometry, generator)
+            if guidance is not None and hasattr(guidance, "after_step"):
+                x = guidance.after_step(base, x, _expand(t_next, x), t=_expand(t, x), generator=generator, cost=cost)
+            if check_finite and not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite state after step {i + 1}/{n} "
+                                         f"(t={float(t):.4f} → {float(t_next):.4f})")
+            if xs is not None:
+                xs.append(x)
+        if return_trajectory:
+            return Trajectory(x=x, xs=torch.stack(xs), ts=ts, nfe=cost.nfe - nfe_before)
+        return x
 
 
 def _expand(t: Tensor, x: Tensor) -> Tensor:

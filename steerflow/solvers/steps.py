@@ -140,6 +140,10 @@ _DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
+class SolveBreakdown(FloatingPointError):
+    """An adaptive solve that cannot go on: its error estimate turned non-finite or its step size collapsed."""
+
+
 class Dopri5:
     """Adaptive Dormand–Prince 5(4) with a PI step-size controller (Hairer, Nørsett & Wanner II.4).
 
@@ -184,7 +188,7 @@ class Dopri5:
             scale = self.atol + self.rtol * torch.maximum(x.abs(), x5.abs())
             err = float(torch.sqrt(torch.mean((err_vec.detach() / scale.detach()) ** 2)))
             if err != err:  # NaN
-                raise FloatingPointError(f"dopri5 produced non-finite values at t={t:.4g}")
+                raise SolveBreakdown(f"dopri5 produced non-finite values at t={t:.4g}")
             if err <= 1.0:
                 t_new = t + dt
                 x = x5
@@ -199,7 +203,7 @@ class Dopri5:
             else:
                 h = h * max(0.1, self.safety * err ** (-1 / 5))
             if h < 1e-10:
-                raise RuntimeError(f"dopri5 step size underflow at t={t:.6g}")
+                raise SolveBreakdown(f"dopri5 step size underflow at t={t:.6g}")
         raise RuntimeError(f"dopri5 exceeded max_steps={self.max_steps} before reaching t={float(t1):.4g}")
 
     def _initial_step(self, x: Tensor, k1: Tensor, span: float) -> float:

@@ -68,8 +68,8 @@ def same_path(a: AffinePath, b: AffinePath) -> bool:
 
 
 def resolve_path(path: AffinePath | None, v: Any, *, who: str, carried: AffinePath | None = None) -> AffinePath:
-    """The path a guidance reads x̂_1 from: the model's (``carried_path(v)``, else ``carried``, the one seen at the
-    start of the solve), else ``path``, else linear; a ``path`` that differs from the model's is an error."""
+    """The path a guidance reads x̂_1 from: the model's (``carried_path(v)``, else ``carried``, the path resolved at
+    the start of the solve), else ``path``, else linear; a ``path`` that differs from the model's is an error."""
     model_path = carried_path(v)
     if model_path is None:
         model_path = carried
@@ -127,10 +127,10 @@ class AbstractGuidance(ABC):
         """The settings that set the size of this method's moves (named in a divergence error)."""
         return {}
 
-    def _watch(self, x: Tensor, *scales: float) -> None:
-        """Start a solve: its scale is ``max(1, max |x|, scales)`` (1: the standard-normal source)."""
+    def _watch(self, x: Tensor) -> None:
+        """Start a solve: its scale is ``max(1, max |x|)`` (1: the standard-normal source)."""
         s = float(x.detach().abs().max()) if x.numel() else 0.0
-        self._scale = max([1.0, s if math.isfinite(s) else 1.0, *scales])
+        self._scale = max(1.0, s if math.isfinite(s) else 1.0)
 
     def _note_scale(self, s: float | Tensor) -> None:
         """Widen the scale of the solve by a data prediction or a measurement (e.g. ``max |x̂_1|`` at the start)."""
@@ -158,6 +158,33 @@ class AbstractGuidance(ABC):
                     f"scale of the solve ({scale:.3g}: start state, first data prediction, measurement)")
         raise FloatingPointError(f"{type(self).__name__}({kv}) diverged: {what}. Its step is too large for this "
                                  "problem: lower it or take more grid steps")
+
+
+class PathGuidance(AbstractGuidance):
+    """A guidance that reads x̂_1 / x̂_0 from the path the model was trained with.
+
+    Subclasses set ``self.path`` (``check_path(path)``) and call :meth:`_start_path` with the sampler's base field
+    at the start of a solve; the path is resolved there once and :meth:`_path_for` hands it back at every step.
+    """
+
+    path: AffinePath | None = None
+
+    def check(self, v: Field | None = None, *, solver: Any = None) -> None:
+        super().check(v, solver=solver)
+        if v is not None:
+            resolve_path(self.path, v, who=type(self).__name__)  # refuses a path= that differs from the model's
+
+    def _start_path(self, v: Field) -> None:
+        """At the start of a solve: resolve the path once, for the sampler's base field ``v``."""
+        self._base, self._solve_path = v, resolve_path(self.path, v, who=type(self).__name__)
+
+    def _path_for(self, v: Field) -> AffinePath:
+        """The path for ``v``: the one resolved at the start of the solve when ``v`` is its base field; otherwise
+        (inside :class:`Compose`, another guidance's field; a direct call outside a solve) resolved from ``v``,
+        with the solve's path standing in for a field that carries none."""
+        if v is getattr(self, "_base", None):
+            return self._solve_path
+        return resolve_path(self.path, v, who=type(self).__name__, carried=getattr(self, "_solve_path", None))
 
 
 class Compose(AbstractGuidance):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..paths import AffinePath
 from ..solvers import CountedField
-from .base import AbstractGuidance, Field, carried_path, check_path, resolve_path
+from .base import AbstractGuidance, Field, PathGuidance, check_path
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "CLASSIFIER_INPUTS"]
 
@@ -102,7 +102,7 @@ CLASSIFIER_INPUTS = ("x_t", "x1_hat")
 """What the classifier of :class:`ClassifierGuidance` sees: the noisy state (with ``t``) or ``x̂_1``."""
 
 
-class ClassifierGuidance(AbstractGuidance):
+class ClassifierGuidance(PathGuidance):
     """``ṽ = v + s b_t ∇_x log p(c | x)`` with ``b_t`` the score→velocity factor of the path
     (Dhariwal & Nichol 2021, eq. 10, converted to velocities; linear path: ``b_t = (1 − t) / t``).
 
@@ -154,17 +154,8 @@ class ClassifierGuidance(AbstractGuidance):
         return {"scale": self.scale}
 
     def initial(self, v, x, ts, *, generator=None, cost=None):
-        self._carried = carried_path(v)  # the model's path, seen on the sampler's base field
-        self._path_for(v)
+        self._start_path(v)  # the model's path, resolved once on the sampler's base field
         return super().initial(v, x, ts, generator=generator, cost=cost)
-
-    def check(self, v=None, *, solver=None):
-        super().check(v, solver=solver)
-        if v is not None:
-            self._path_for(v)
-
-    def _path_for(self, v: Field) -> AffinePath:
-        return resolve_path(self.path, v, who="ClassifierGuidance", carried=getattr(self, "_carried", None))
 
     def _score_factor(self, t: Tensor, x: Tensor, path: AffinePath) -> Tensor:
         """``b_t`` (b, 1, ..): the change of velocity per unit of score at ``t`` clipped to ``t_min``."""

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from ..metrics.cost import Cost
-from ..paths.affine import AffinePath, LinearPath
-from .base import AbstractGuidance, carried_path, check_path, resolve_path
-from .operators import AbstractLinearOperator, AbstractOperator, Dense, GaussianNoise
+from ..paths.affine import AffinePath
+from .base import AbstractGuidance, PathGuidance, check_path
+from .operators import AbstractLinearOperator, AbstractOperator, Dense, GaussianNoise, conjugate_gradient
 
 __all__ = ["Measurement", "measurement", "ExactPosteriorGuidance", "FlowChef", "DPS", "Lookahead", "DFlow", "Dreamguider", "EnKG",
            "DDS", "OTODE", "PnPFlow", "SteerflowDefault", "GUIDANCES", "get_guidance"]
@@ -120,6 +120,16 @@ def _number(value, name: str, *, low: float = 0.0, high: float = math.inf, open_
     return v
 
 
+def _integer(value, name: str, *, low: int = 1, optional: bool = False) -> int | None:
+    """An integer setting of at least ``low`` (``None`` passes where ``optional``); else a clear error."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer of at least {low}"
+        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
 def _t0(t: Tensor) -> float:
     if t.numel() == 0:
         raise ValueError("guidance got an empty batch (0 samples); steer at least one sample")
@@ -171,7 +181,6 @@ def _loss_grad(loss_fn: Callable[[Tensor], Tensor], x1: Tensor) -> Tensor:
     return g
 
 
-_LINEAR = LinearPath()
 # conjugate-gradient budget of a guidance's (r A Aᵀ + σ² I) solve where A Aᵀ has no closed form (blur): a
 # noiseless deblur is ill-posed (float32, 3×32×32: residual still 0.25 after the default 10 m + 100 iterations,
 # 330 s a step), and an early-stopped CG is the regularised solve; well-posed systems stop earlier on the tolerance
@@ -218,42 +227,40 @@ class _At:
         return -self.sigma / (self.alpha * self.d_sigma - self.sigma * self.d_alpha)
 
 
-class _Steering(AbstractGuidance):
+class _Steering(PathGuidance):
     """Shared plumbing of the measurement guidances: the path the model was trained with and the range check.
 
     The path is ``model.path`` when the model carries one, else ``path=`` (default: linear); both given and
-    different is an error. Subclasses set ``self.path`` (``check_path(path)``) and ``self.meas`` (or ``None``).
+    different is an error. Subclasses set ``self.path`` (``check_path(path)``) and ``self.meas`` (or ``None``),
+    and implement :meth:`_steer`, the guided velocity at a time where ``v`` determines ``x̂_1``.
     """
 
-    path: AffinePath | None = None
     meas: Measurement | None = None
-
-    def check(self, v=None, *, solver=None):
-        super().check(v, solver=solver)
-        if v is not None:
-            self._path_for(v)
 
     def initial(self, v, x, ts, *, generator=None, cost=None):
         self._start(v, x)
         return x
 
     def _start(self, v, x: Tensor) -> None:
-        """At the start of a solve: remember the model's path and the scale of the solve."""
+        """At the start of a solve: resolve the model's path and set the scale of the solve."""
         if x.shape[0] == 0:
             raise ValueError(f"{type(self).__name__} got an empty batch (0 samples); steer at least one sample")
-        self._carried = carried_path(v)
-        self._path_for(v)
-        self._watch(x, *([float(self.meas.y.abs().max())] if self.meas is not None and self.meas.y.numel() else []))
+        self._start_path(v)
+        self._watch(x)
+        if self.meas is not None and self.meas.y.numel():
+            self._note_scale(self.meas.y)
         self._fresh = True
 
-    def _path_for(self, v) -> AffinePath:
-        # inside Compose, v may be another guidance's field: the path seen by initial() on the sampler's base field
-        return resolve_path(self.path, v, who=type(self).__name__, carried=getattr(self, "_carried", None))
+    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
+        path = self._path_for(v)
+        c = _At.of(path, _t0(t))
+        if not c.predicts:  # no data prediction at t (a polynomial path at t = 0, where v = 0): step unguided
+            return v(x, t)
+        return self._steer(v, x, t, dt, path, c, generator=generator, cost=cost)
 
-    def _blind(self, v, t: Tensor) -> bool:
-        """No data prediction at ``t`` (``v`` does not determine ``x̂_1``, e.g. a polynomial path at ``t = 0``,
-        where ``v = 0``): the step is taken unguided."""
-        return not _At.of(self._path_for(v), _t0(t)).predicts
+    def _steer(self, v, x: Tensor, t: Tensor, dt: Tensor, path: AffinePath, c: _At, *, generator, cost) -> Tensor:
+        """The guided velocity at ``(x, t)``; ``path`` is the model's path and ``c`` its coefficients at ``t``."""
+        raise NotImplementedError
 
     def _predicted(self, x1: Tensor) -> None:
         """The first data prediction of a solve widens its scale (data may be larger than the noise)."""
@@ -337,13 +344,9 @@ class FlowChef(_Steering):
     def settings(self):
         return {"step_size": self.step_size, "n_inner": self.n_inner, "schedule": self.schedule}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
-        path = self._path_for(v)
-        t0 = _t0(t)
-        s = self.step_size * ((1 - t0) if self.schedule == "linear" else 1.0)
+        s = self.step_size * ((1 - _t0(t)) if self.schedule == "linear" else 1.0)
         x_new = x
         for _ in range(self.n_inner):
             x1 = path.x1_from_velocity(v_t, x_new, t)
@@ -354,7 +357,7 @@ class FlowChef(_Steering):
 
 
 def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Cost | None, *, normalize: bool,
-                    path: AffinePath = _LINEAR):
+                    path: AffinePath):
     """Predict ``x̂_1`` with autograd on, return ``(v(x,t), ∇_x L, x̂_1)``: ``k = 1`` the path's data prediction,
     ``k > 1`` ``k`` Euler steps of the flow from ``(x, t)`` to 1.
 
@@ -362,15 +365,16 @@ def _posterior_step(meas: Measurement, v, x: Tensor, t: Tensor, k: int, cost: Co
     """
     from ..solvers.sample import sample
 
-    t0 = _t0(t)
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         v_t = v(x_, t)
-        h = (1 - t0) / k
-        x1 = path.x1_from_velocity(v_t, x_, t) if k == 1 else x_ + h * v_t
-        if k > 1:
+        if k == 1:
+            x1 = path.x1_from_velocity(v_t, x_, t)
+        else:  # one Euler step with v_t, then k − 1 more of the flow to t = 1
+            t0 = _t0(t)
+            h = (1 - t0) / k
             ts = torch.linspace(t0 + h, 1.0, k, dtype=torch.float64)
-            x1 = sample(v, x1, ts=ts, cost=Cost(), check_finite=False, enable_grad=True)
+            x1 = sample(v, x_ + h * v_t, ts=ts, cost=Cost(), check_finite=False, enable_grad=True)
         r = meas.residual(x1, cost)
         sq = (r**2).reshape(r.shape[0], -1).sum(-1)
         loss = sq.clamp_min(1e-30).sqrt().sum() if normalize else sq.sum() / (2 * max(meas.sigma, 1e-12) ** 2)
@@ -399,10 +403,7 @@ class _BackpropGuidance(_Steering):
     def settings(self):
         return {"scale": self.scale, "normalize": self.normalize}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
-        path = self._path_for(v)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t, g, x1 = _posterior_step(self.meas, v, x, t, self._k(t, dt), cost, normalize=self.normalize, path=path)
         self._predicted(x1)
         if self.normalize:
@@ -456,14 +457,14 @@ class DFlow(_Steering):
         self.path = check_path(path)  # the method solves the flow's own ODE: valid on any path
         self.meas = measurement(operator, y, sigma)
         _require_differentiable(self.meas, "DFlow")
-        for name, val in (("inner_steps", inner_steps), ("n_iter", n_iter)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        inner_steps, n_iter = _integer(inner_steps, "inner_steps"), _integer(n_iter, "n_iter")
         reg, lr = _number(reg, "reg"), _number(lr, "lr", open_low=True)
-        self.inner_steps, self.n_iter, self.reg, self.lr = int(inner_steps), int(n_iter), reg, lr
+        self.inner_steps, self.n_iter, self.reg, self.lr = inner_steps, n_iter, reg, lr
 
     def settings(self):
         return {"lr": self.lr, "reg": self.reg, "n_iter": self.n_iter}
+
+    velocity = AbstractGuidance.velocity  # after initial() the solve is the plain flow from x_0*
 
     def initial(self, v, x, ts, *, generator=None, cost=None):
         from ..solvers.sample import sample
@@ -513,14 +514,11 @@ class Dreamguider(_Steering):
     def settings(self):
         return {"scale": self.scale}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
-        path = self._path_for(v)
         x1 = path.x1_from_velocity(v_t, x, t)
         self._predicted(x1)
-        g = _At.of(path, _t0(t)).gain * _data_grad(self.meas, x1, cost)
+        g = c.gain * _data_grad(self.meas, x1, cost)
         b = x.shape[0]
         gn = g.reshape(b, -1).norm(dim=-1).clamp_min(1e-12)
         vn = v_t.reshape(b, -1).norm(dim=-1)
@@ -545,33 +543,23 @@ class EnKG(_Steering):
                  predictor_steps: int = 1, n_updates: int = 1, path: AffinePath | str | None = None) -> None:
         self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
-        if ensemble_size is not None and (isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int)
-                                          or ensemble_size < 2):
-            raise ValueError(f"ensemble_size must be an integer of at least 2, got {ensemble_size!r}")
-        for name, val in (("predictor_steps", predictor_steps), ("n_updates", n_updates)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
-        scale = _number(scale, "scale")
-        self.scale, self.J, self.k, self.n_updates = scale, ensemble_size, int(predictor_steps), int(n_updates)
+        self.J = _integer(ensemble_size, "ensemble_size", low=2, optional=True)
+        self.k, self.n_updates = _integer(predictor_steps, "predictor_steps"), _integer(n_updates, "n_updates")
+        self.scale = _number(scale, "scale")
 
     def settings(self):
         return {"scale": self.scale, "n_updates": self.n_updates}
 
-    def _predict(self, v, x, t, v_t):
+    def _predict(self, v, x, t, v_t, path):
         from ..solvers.sample import sample
 
         if self.k == 1:
-            return self._path_for(v).x1_from_velocity(v_t, x, t)
-        t0 = _t0(t)
+            return path.x1_from_velocity(v_t, x, t)
+        t0 = _t0(t)  # one Euler step with v_t, then k − 1 more of the flow to t = 1
         h = (1 - t0) / self.k
-        x1 = x + h * v_t
-        if self.k > 1:
-            x1 = sample(v, x1, ts=torch.linspace(t0 + h, 1.0, self.k, dtype=torch.float64), cost=Cost())
-        return x1
+        return sample(v, x + h * v_t, ts=torch.linspace(t0 + h, 1.0, self.k, dtype=torch.float64), cost=Cost())
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
         b = x.shape[0]
         J = self.J or b
@@ -584,7 +572,7 @@ class EnKG(_Steering):
         with torch.no_grad():
             for u in range(self.n_updates):
                 vu = v_t if u == 0 else v(x_cur, t)
-                x1 = self._predict(v, x_cur, t, vu)
+                x1 = self._predict(v, x_cur, t, vu, path)
                 self._predicted(x1)
                 yh = self.meas.operator(x1)
                 _count(cost, operator_calls=1)
@@ -620,37 +608,37 @@ class DDS(_Steering):
         self.path = check_path(path)
         self.meas = measurement(operator, y, sigma)
         self.A = _require_linear(self.meas, "DDS")
-        if isinstance(n_cg, bool) or not isinstance(n_cg, int) or n_cg < 1:
-            raise ValueError(f"n_cg must be a positive integer, got {n_cg!r}")
+        n_cg = _integer(n_cg, "n_cg")
         if not (0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if not (gamma >= 0 and math.isfinite(gamma)):
             raise ValueError(f"gamma must be finite and non-negative, got {gamma}")
-        self.n_cg, self.gamma, self.eta = int(n_cg), float(gamma), float(eta)
+        self.n_cg, self.gamma, self.eta = n_cg, float(gamma), float(eta)
 
     def settings(self):
         return {"n_cg": self.n_cg, "gamma": self.gamma, "eta": self.eta}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
-        from .operators import conjugate_gradient
-
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
-        path = self._path_for(v)
-        t0, h = _t0(t), float(dt)
+        h = float(dt)
         x1, x0 = path.x1_from_velocity(v_t, x, t), path.x0_from_velocity(v_t, x, t)
         self._predicted(x1)
         A, g = self.A, self.gamma
         Aty = A.adjoint(self.meas.y_like(A(x1)))
         rhs = Aty + g * x1
-        x1_new = conjugate_gradient(lambda z: A.adjoint(A(z)) + g * z, rhs, x1, n_iter=self.n_cg)
-        _count(cost, operator_calls=2 + 2 * self.n_cg + 2)
+        applied = []  # conjugate gradients stop early on the tolerance: count the products they make
+
+        def normal(z):
+            applied.append(1)
+            return A.adjoint(A(z)) + g * z
+
+        x1_new = conjugate_gradient(normal, rhs, x1, n_iter=self.n_cg)
+        _count(cost, operator_calls=2 + 2 * len(applied))
         if self.eta > 0:
             eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x0 = math.sqrt(1 - self.eta**2) * x0 + self.eta * eps
-        c = _At.of(path, t0 + h)
-        x_next = c.alpha * x1_new + c.sigma * x0
+        c_next = _At.of(path, _t0(t) + h)
+        x_next = c_next.alpha * x1_new + c_next.sigma * x0
         return (x_next - x) / h
 
 
@@ -673,22 +661,17 @@ class OTODE(_Steering):
     def settings(self):
         return {"scale": self.scale}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
-        t0 = _t0(t)
-        path = self._path_for(v)
-        r2 = _At.of(path, t0).r2
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             v_t = v(x_, t)
             x1 = path.x1_from_velocity(v_t, x_, t)
             self._predicted(x1)
             r = self.meas.residual(x1.detach(), cost)
-            w = self.A.adjoint(self.A.solve_normal(r2, self.meas.sigma**2, r, n_iter=_GUIDANCE_CG_ITERS))
+            w = self.A.adjoint(self.A.solve_normal(c.r2, self.meas.sigma**2, r, n_iter=_GUIDANCE_CG_ITERS))
             (g,) = torch.autograd.grad(x1, x_, grad_outputs=w)
         _count(cost, vjp=1, operator_calls=2)
-        return v_t.detach() + self.scale * _At.of(path, max(t0, self.t_min)).score_factor * g
+        return v_t.detach() + self.scale * _At.of(path, max(_t0(t), self.t_min)).score_factor * g
 
 
 class PnPFlow(_Steering):
@@ -714,18 +697,15 @@ class PnPFlow(_Steering):
     def settings(self):
         return {"step_size": self.step_size, "alpha": self.alpha}
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
-        path = self._path_for(v)
         t0, h = _t0(t), float(dt)
         x1 = path.x1_from_velocity(v_t, x, t)
         self._predicted(x1)
         z = x1 - self.step_size * (1 - t0) ** self.alpha * _data_grad(self.meas, x1, cost)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        c = _At.of(path, t0 + h)
-        x_next = c.alpha * z + c.sigma * eps
+        c_next = _At.of(path, t0 + h)
+        x_next = c_next.alpha * z + c_next.sigma * eps
         return (x_next - x) / h
 
 
@@ -804,9 +784,7 @@ class SteerflowDefault(_Steering):
             raise TypeError(f"resample must be None, True or False, got {resample!r}")
         if resample and self.meas.sigma == 0:
             raise ValueError("resample=True weights samples by N(y; A x, σ² I) and needs sigma > 0, got sigma=0")
-        if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)
-                                       or n_clusters < 1):
-            raise ValueError(f"n_clusters must be a positive integer or None, got {n_clusters!r}")
+        n_clusters = _integer(n_clusters, "n_clusters", optional=True)
         scale, jitter, prior_var = _number(scale, "scale"), _number(jitter, "jitter"), _number(prior_var, "prior_var")
         self.covariance, self.s2, self.scale, self.jitter = covariance, prior_var, scale, jitter
         self.resample, self.n_clusters = resample, n_clusters
@@ -856,12 +834,8 @@ class SteerflowDefault(_Steering):
             return False
         return not bool((y == y[:1]).all())
 
-    def velocity(self, v, x, t, dt, *, generator=None, cost=None):
-        if self._blind(v, t):
-            return v(x, t)
+    def _steer(self, v, x, t, dt, path, c, *, generator, cost):
         v_t = v(x, t)
-        path = self._path_for(v)
-        c = _At.of(path, _t0(t))
         if c.sigma <= 0:  # t = 1: x̂_1 = x, nothing left to correct
             return v_t
         x1 = path.x1_from_velocity(v_t, x, t)
@@ -885,8 +859,8 @@ class SteerflowDefault(_Steering):
             if b != self._logw.shape[0]:
                 raise ValueError(f"the batch changed size during the solve ({self._logw.shape[0]} → {b})")
             # ∇log p_t · Δ with ∇log p_t = −x̂_0 / σ (linear: −(x − t v) / (1 − t))
-            x0_hat = path.x0_from_velocity(v_t, x, t)
-            rate = torch.linalg.vecdot(x0_hat.reshape(b, -1), delta.reshape(b, -1)) * (-1.0 / c.sigma)
+            score = path.score_from_velocity(v_t, x, t)
+            rate = torch.linalg.vecdot(score.reshape(b, -1), delta.reshape(b, -1))
             if div is not None:
                 rate = torch.add(rate, div, alpha=to_v)
             self._rate = rate

@@ -442,7 +442,7 @@ class Dense(AbstractLinearOperator):
         self.in_shape = tuple(in_shape) if in_shape is not None else (A.shape[1],)
         if math.prod(self.in_shape) != A.shape[1]:
             raise ValueError(f"in_shape {self.in_shape} has {math.prod(self.in_shape)} entries but A has {A.shape[1]} columns")
-        A64 = A.to(torch.float64) if A.dtype in (torch.float16, torch.bfloat16, torch.float32) else A
+        A64 = A.double()  # exact for a lower-precision A; A itself when it is float64
         self._AAt = A64 @ A64.T
 
     def __repr__(self) -> str:

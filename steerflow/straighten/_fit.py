@@ -21,10 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..training.checkpoint import (LATEST, cut_log, load_extra, load_state, read_config, remove_stale,
-                                   resolve_checkpoint, save_checkpoint)
-
-LOG = "log.jsonl"
+from ..training.checkpoint import (LATEST, LOG, cut_log, earlier_run, load_extra, load_state, read_config,
+                                   remove_stale, resolve_checkpoint, save_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -146,11 +144,12 @@ class FitCheckpoints:
         point = self.resume_point()
         if point is None or point.phase != self.phase:
             return None
-        extra = load_extra(self.path)
+        extra = load_extra(self.path, names=("pairs.x_0", "pairs.x_1"))
         return extra["pairs.x_0"], extra["pairs.x_1"]
 
     def _trace(self) -> Tensor:
-        return load_extra(self.path)["losses"]
+        """The loss trace of the latest checkpoint (read alone: the pairs stored beside it stay on disk)."""
+        return load_extra(self.path, names=("losses",))["losses"]
 
 
 def _as_json(state: dict[str, Any]) -> dict[str, Any]:
@@ -187,11 +186,10 @@ def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, st
         if point is not None and point.phase > ck.phase:
             raise ValueError(f"the checkpoint in {ck.path} lies in a later fit ({point.phase}) than this one "
                              f"({ck.phase}); skip it (FitCheckpoints.finished_before, past_fit)")
-        if ck.phase == 0 and not ck.resume:
-            for name in (LATEST, LOG):
-                if (ck.path / name).exists():
-                    raise FileExistsError(f"{ck.path} already holds the {name} of an earlier run; resume it, or "
-                                          "use a new directory")
+        found = earlier_run(ck.path) if ck.phase == 0 and not ck.resume else None
+        if found is not None:
+            raise FileExistsError(f"{ck.path} already holds the {found} of an earlier run; resume it, or use a new "
+                                  "directory")
         remove_stale(ck.path)
         if point is not None and point.phase == ck.phase:
             if point.phase_steps != steps:
@@ -240,7 +238,7 @@ def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, st
 
         it = tqdm(it, desc=what, unit="step", leave=False, total=steps, initial=start)
     t0 = t_log = time.perf_counter()
-    window: list[float] = []
+    logged = len(losses)  # losses[logged:] are the steps since the last log line
     try:
         for step in it:
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
@@ -258,15 +256,14 @@ def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, st
             losses.append(float(loss.detach()))
             if ck is None:
                 continue
-            window.append(losses[-1])
             done, g = step + 1, ck.offset + step + 1
             is_ckpt = done == steps or bool(ck.every and g % ck.every == 0)
             if is_ckpt or g % ck.log_every == 0:
-                now = time.perf_counter()
+                now, window = time.perf_counter(), losses[logged:]
                 log_file.write(json.dumps({"step": g, "loss": sum(window) / len(window), "lr": lr_t,
                                            "it_s": len(window) / max(now - t_log, 1e-9), "time": now - t0}) + "\n")
                 log_file.flush()
-                window, t_log = [], now
+                logged, t_log = len(losses), now
             if is_ckpt:
                 checkpoint(done)
     finally:

@@ -33,6 +33,8 @@ from ..models import build_model, model_name, unwrap_model
 FORMAT = "steerflow.checkpoint"
 VERSION = 1
 LATEST = "latest.json"
+LOG = "log.jsonl"
+"""The training log beside the checkpoints: a JSON line every few steps (``train``, the straightening fits)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,18 @@ def remove_stale(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def earlier_run(out_dir: str | os.PathLike, *, log: bool = True) -> str | None:
+    """The file by which ``out_dir`` holds an earlier run (``latest.json``, else ``log.jsonl`` when ``log``),
+    or None. A fresh run refuses such a directory: it would overwrite the checkpoint or share the log (a run
+    stopped before its first checkpoint leaves the log only). ``log=False`` on the DDP ranks that do not
+    write the log, which rank 0 may already have opened."""
+    out = Path(out_dir)
+    for name in (LATEST, LOG) if log else (LATEST,):
+        if (out / name).exists():
+            return name
+    return None
+
+
 def cut_log(path: str | os.PathLike, step: int) -> None:
     """Keep the lines of a ``log.jsonl`` up to ``step``: those a run resumed from the checkpoint at ``step``
     does not write again. A line that does not parse (the last one, cut by a kill mid-write) is dropped."""
@@ -259,14 +273,19 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
 
 
-def _read_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    from safetensors import SafetensorError
+def _read_tensors(path: Path, device: str | torch.device = "cpu", names: Any = None) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; with ``names``, only those present among them are read."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not path.exists():
         raise FileNotFoundError(f"missing checkpoint file {path}")
     try:
-        return load_file(str(path), device=str(device))
+        if names is None:
+            return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            stored = set(f.keys())
+            return {k: f.get_tensor(k) for k in names if k in stored}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
 
@@ -355,12 +374,16 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     return Checkpoint(model=model, ema_model=ema_model, config=meta, step=int(meta["step"]), path=ckpt, extra=extra)
 
 
-def load_extra(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The ``extra`` values saved with a checkpoint: tensors and JSON values, by name."""
+def load_extra(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               names: Any = None) -> dict[str, Any]:
+    """The ``extra`` values saved with a checkpoint: tensors and JSON values, by name. ``names`` (an iterable
+    of names) reads only those (the others' tensors, e.g. a fit's pairs, stay on disk)."""
     ckpt = resolve_checkpoint(path)
     state = _read_json(ckpt / "state.json")
-    tensors = _read_tensors(ckpt / "state.safetensors", device)
-    out = dict(state.get("extra", {}))
+    wanted = None if names is None else list(names)
+    tensors = _read_tensors(ckpt / "state.safetensors", device,
+                            None if wanted is None else [f"extra.{k}" for k in wanted])
+    out = {k: v for k, v in state.get("extra", {}).items() if wanted is None or k in wanted}
     out.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     return out
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..models import model_name, unwrap_model
 from ..paths import get_path
 from . import distributed as ddp
-from .checkpoint import LATEST, cut_log, load_state, read_config, remove_stale, save_checkpoint
+from .checkpoint import LATEST, LOG, cut_log, earlier_run, load_state, read_config, remove_stale, save_checkpoint
 from .ema import EMA
 from .loss import LR_SCHEDULES, flow_matching_loss, get_time_sampler, lr_factor
 from .pairs import PairStream
@@ -40,7 +40,6 @@ from .pairs import PairStream
 # (see ``train``'s ``resume``).
 _RESUME_KEYS = ("steps", "batch_size", "lr", "weight_decay", "betas", "warmup", "schedule", "ema_decay",
                 "grad_clip", "amp", "seed", "path", "time_sampler")
-LOG = "log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,11 @@ def _check_data_dtype(dtype: torch.dtype, what: str) -> None:
 
 
 def _first_non_finite(x: Tensor) -> int | None:
-    """The index of the first sample (row) of ``x`` holding NaN/inf, or None when all values are finite."""
-    if not x.is_floating_point():
+    """The index of the first sample (row) of ``x`` holding NaN/inf, or None when all values are finite.
+
+    A finite sum proves every value finite in one reduction (a NaN/inf makes the sum NaN/inf); only a
+    non-finite sum (bad data, or finite values that overflow it) is looked at row by row."""
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum())):
         return None
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
@@ -103,11 +105,11 @@ class _Batches:
     """
 
     def __init__(self, data: Any, device: torch.device, dtype: torch.dtype, gen_host: torch.Generator,
-                 gen_dev: torch.Generator, start: int = 0) -> None:
+                 gen_dev: torch.Generator) -> None:
         self.device, self.dtype, self.gen_host, self.gen_dev = device, dtype, gen_host, gen_dev
         self.x = self.labels = None
         self.obj = None
-        self.step = start  # the step the next batch is drawn for, minus one (batches are drawn in step order)
+        self.step = 0  # the step the next batch is drawn for, minus one (batches are drawn in step order)
         if torch.is_tensor(data) or (isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])):
             x, labels = (data, None) if torch.is_tensor(data) else data
             if x.ndim < 2 or x.shape[0] < 1:
@@ -358,11 +360,11 @@ def _run(*, model, data, source, coupling, path_obj, path, steps, batch_size, lr
 
         start, prior_losses = 0, torch.zeros(0)
         has_ckpt = out is not None and (out / LATEST).exists()
-        if has_ckpt and not resume:
-            raise FileExistsError(f"{out} already holds a checkpoint; pass resume=True to continue it or use a new out_dir")
-        if info.is_main and out is not None and not resume and (out / LOG).exists():
-            raise FileExistsError(f"{out} already holds the {LOG} of an earlier run (stopped before its first "
-                                  "checkpoint); pass resume=True to start it over there, or use a new out_dir")
+        found = None if out is None or resume else earlier_run(out, log=info.is_main)
+        if found is not None:
+            raise FileExistsError(f"{out} already holds the {found} of an earlier run; pass resume=True to continue "
+                                  "it (or start it over, when it stopped before its first checkpoint), or use a new "
+                                  "out_dir")
         if info.is_main and out is not None:
             remove_stale(out)
         if resume and has_ckpt:
