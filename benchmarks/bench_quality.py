@@ -105,7 +105,7 @@ def train_ours(src: str, data: str, coupling: str | None, steps: int, seed: int,
         coupling = hungarian_exact_ot
     t0 = time.perf_counter()
     res = train(model, load_dataset(data), source=source_of(src), coupling=coupling, steps=steps,
-                batch_size=args.batch, lr=args.lr, schedule="constant", seed=seed, device="cpu", progress=False,
+                batch_size=args.batch, lr=args.lr, lr_schedule="constant", seed=seed, device="cpu", progress=False,
                 log_every=max(1, min(100, steps)))
     return res.model.eval(), time.perf_counter() - t0
 

@@ -41,8 +41,8 @@ import torch
 
 from steerflow import Cost, sample
 from steerflow.data.mixture import GaussianMixture
-from steerflow.steering.guidance import (DDS, DPS, EnKG, ExactPosteriorGuidance, DFlow, Dreamguider, FlowChef, Lookahead,
-                                         OTODE, PnPFlow, SteerflowDefault)
+from steerflow.steering import (DDS, DPS, EnKG, ExactPosteriorGuidance, DFlow, Dreamguider, FlowChef, Lookahead,
+                                OTODE, PnPFlow, SteerflowDefault)
 from steerflow.steering.operators import Dense, Mask
 
 QUICK = "--quick" in sys.argv

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 import steerflow
-from steerflow.cli.steer import build_task, build_method, INVERSE_METHODS
+from steerflow.steering.tasks import build_task, build_method, INVERSE_METHODS
 from steerflow.data.loaders import load_digits
 from steerflow.metrics.image import psnr, ssim
 from steerflow.metrics.cost import Cost
@@ -107,7 +107,7 @@ def get_patch_flow(cache: Path, x_train, steps: int) -> torch.nn.Module:
         model = MLPVelocity(dim=64, hidden=512, depth=4, time_embed_dim=64)
         t0 = time.time()
         train(model, x_train, steps=steps, batch_size=256, lr=1e-3, warmup=min(200, steps // 10),
-              schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
+              lr_schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
               progress=False)
         print(f"trained the flow in {time.time() - t0:.0f} s -> {out}", flush=True)
     ck = load_checkpoint(out)
@@ -120,7 +120,7 @@ def get_flow(cache: Path, train_set, steps: int) -> torch.nn.Module:
         model = MLPVelocity(dim=64, hidden=512, depth=4, time_embed_dim=64, n_classes=10, label_dropout=0.15)
         t0 = time.time()
         train(model, (train_set.x, train_set.labels), steps=steps, batch_size=256, lr=1e-3, warmup=min(200, steps // 10),
-              schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
+              lr_schedule="cosine", ema_decay=0.999, device="cpu", seed=0, out_dir=out, log_every=250,
               progress=False)
         print(f"trained the flow in {time.time() - t0:.0f} s -> {out}", flush=True)
     ck = load_checkpoint(out)
@@ -204,7 +204,7 @@ def make_guidance(method, op, y, noise, strength):
     """The method's guidance; ``strength`` is a number (its main knob, via ``build_method``) or a dict of
     keyword arguments for the guidance's constructor (FlowChef's n_inner / step_size / schedule)."""
     if isinstance(strength, dict):
-        from steerflow.steering.guidance import get_guidance
+        from steerflow.steering import get_guidance
 
         return get_guidance(method, op, y, noise, **strength)
     return build_method(method, op, y, noise, scale=strength, ensemble_size=ENKG_ENSEMBLE)

@@ -3,7 +3,7 @@ libraries, on torchcfm's 3×64 SELU MLP (N(0, I) → moons, Adam/AdamW 1e-3, one
 
 Loops timed (it/s, one optimiser step per iteration, batches drawn from a fixed 100k-point moons set):
   bare           ten lines of PyTorch (the floor)
-  steerflow      steerflow.training.train(SeluMLP, data tensor, schedule="constant", progress=False)
+  steerflow      steerflow.training.train(SeluMLP, data tensor, lr_schedule="constant", progress=False)
   flow_matching  flow_matching.path.AffineProbPath(CondOTScheduler()) + the same network
   torchcfm       torchcfm ConditionalFlowMatcher(sigma=0) + the same network
 and, with an exact OT coupling at batch 256, steerflow (train with steerflow's ExactOT coupling) against
@@ -93,7 +93,7 @@ def bare(b: int, steps: int, coupling=None) -> Rate:
 def steerflow_train(b: int, steps: int, coupling=None, workers: int = 0) -> Rate:
     from steerflow.training import train
 
-    kw = dict(batch_size=b, lr=1e-3, schedule="constant", progress=False, device="cpu", coupling=coupling,
+    kw = dict(batch_size=b, lr=1e-3, lr_schedule="constant", progress=False, device="cpu", coupling=coupling,
               coupling_workers=workers)
     train(fresh_net(), DATA, steps=WARMUP, **kw)
     model = fresh_net()

@@ -150,3 +150,22 @@ def test_sample_writes_a_png_grid_for_an_image_model(ckpt, tmp_path, capsys):
     save_checkpoint(flat, MLPVelocity(dim=2, hidden=8, depth=1), config={}, step=0)
     rc, _, se = _run(["sample", "--ckpt", str(flat), "--out", str(tmp_path / "f.png")], capsys)
     assert rc == 2 and "for image models" in se
+
+
+def test_steer_guidance_window(ckpt, images, tmp_path, capsys):
+    """``--guidance-window 0,1`` is the default exactly; a window changes the result; an empty window is refused."""
+    d, _ = images
+    common = ["steer", "--ckpt", ckpt, "--task", "inpaint", "--input", str(d / "x.npy"), "--steps", "6"]
+    base = common + ["--method", "dps"]
+    results = {}
+    for name, argv in (("default", base), ("full", base + ["--guidance-window", "0,1"]),
+                       ("late", base + ["--guidance-window", "0.5,1"]),
+                       ("unguided", common + ["--method", "unguided"])):
+        rc, _, se = _run(argv + ["--out", str(tmp_path / name)], capsys)
+        assert rc == 0, se
+        results[name] = np.load(tmp_path / name / "result.npy")
+    assert json.loads((tmp_path / "late" / "metrics.json").read_text())["guidance_window"] == [0.5, 1.0]
+    assert np.array_equal(results["default"], results["full"])
+    assert not np.allclose(results["late"], results["full"]) and not np.allclose(results["late"], results["unguided"])
+    rc, _, se = _run(base + ["--out", str(tmp_path / "bad"), "--guidance-window", "0.5,0.5"], capsys)
+    assert rc != 0 and "window" in se and len(se.strip().splitlines()) == 1

@@ -163,7 +163,7 @@ def test_train_matches_bare_loop_bit_for_bit():
     m_ref = SeluMLP(2)
     m = build_model("mlp-selu", **m_ref.config)
     m.load_state_dict(m_ref.state_dict())
-    res = train(m, data, steps=30, batch_size=64, lr=1e-3, schedule="constant", device="cpu", progress=False,
+    res = train(m, data, steps=30, batch_size=64, lr=1e-3, lr_schedule="constant", device="cpu", progress=False,
                 seed=7, log_every=7)
     g = torch.Generator().manual_seed(7)  # pairs (x_1, x_0)
     g_t = torch.Generator().manual_seed(_time_seed(7))  # t has a generator of its own
@@ -196,7 +196,7 @@ class _LabelledData:
 
 
 def _resume_kwargs(tmp):
-    return dict(steps=24, batch_size=32, lr=5e-3, warmup=5, schedule="cosine", ema_decay=0.8, grad_clip=1.0,
+    return dict(steps=24, batch_size=32, lr=5e-3, warmup=5, lr_schedule="cosine", ema_decay=0.8, grad_clip=1.0,
                 device="cpu", progress=False, seed=3, log_every=4, ckpt_every=8, out_dir=tmp,
                 time_sampler="logit_normal")
 
@@ -427,7 +427,7 @@ def test_train_options_and_errors(tmp_path):
     with pytest.raises(ValueError, match="CUDA only"):
         train(MLPVelocity(2, **TINY), torch.randn(10, 2), steps=2, batch_size=4, device="cpu", amp=True)
     with pytest.raises(ValueError, match="unknown schedule"):
-        train(MLPVelocity(2, **TINY), torch.randn(10, 2), steps=2, batch_size=4, schedule="linear")
+        train(MLPVelocity(2, **TINY), torch.randn(10, 2), steps=2, batch_size=4, lr_schedule="linear")
     with pytest.raises(TypeError, match="data must be"):
         train(MLPVelocity(2, **TINY), [1, 2, 3], steps=2, batch_size=4, device="cpu", progress=False)
 

@@ -2,26 +2,28 @@
 
 Everything here turns library errors at the user boundary into :class:`CLIError` with a message naming
 what was expected and what arrived. The run's provenance (data, source, what kind of model, how to
-sample it by default) is kept in ``run.json`` next to the checkpoint written by :mod:`steerflow.training`.
+sample it by default) is kept in ``run.json`` next to the checkpoint written by :mod:`steerflow.training`;
+the record (:class:`~steerflow.training.RunInfo`) and the loading of a run's model
+(:func:`~steerflow.training.load_run`) live in the library, and are only wrapped here.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..manifolds.velocity import EMBEDS as NETWORK_EMBEDS  # noqa: F401  (kept importable from here)
+from ..manifolds.velocity import build_manifold_model, network_embed  # noqa: F401
+from ..training.run import RUN_FILE, LoadedRun, write_json  # noqa: F401
+from ..training.run import RunInfo as _RunInfo
 from .main import CLIError
-
-RUN_FILE = "run.json"
 
 
 # --- argument types --------------------------------------------------------------------------------
@@ -59,6 +61,10 @@ def nfe_spec(s: str) -> str:
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
@@ -147,83 +153,16 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-# --- run metadata ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunInfo:
-    """Provenance of a checkpoint directory, stored as ``run.json`` beside it.
-
-    ``kind`` is ``flow`` (trained by flow matching with ``coupling``), ``reflow`` (a ``k``-rectified flow)
-    or ``distilled`` (one-step: sample with one Euler step). ``default_steps``/``default_method`` are what
-    ``steerflow sample`` uses when not told.
-
-    A flow on a manifold (``steerflow train --manifold sphere2``) also records ``manifold`` (the spec for
-    :func:`steerflow.manifolds.get_manifold`) and ``network`` (``{"name", "config"}`` of the registered
-    network wrapped in :class:`~steerflow.manifolds.TangentVelocity`, which has no registry name of its
-    own), so :func:`load_flow` rebuilds ``TangentVelocity(build_model(name, **config), M)``; ``split`` /
-    ``split_seed`` say which part of the data it was trained on (``"all"`` or ``None``, as runs before the
-    split was recorded: all of it; ``"train"``: the 80 % part of the 80/10/10 split drawn with
-    ``split_seed``), and ``data_points`` / ``data_sha256`` which data that was (:func:`points_digest`), so
-    the split is drawn again from the checkpoint alone and ``eval`` can tell held-out points from trained ones.
-    """
-
-    data: str | None = None
-    source: str = "normal"
-    kind: str = "flow"
-    coupling: str | None = None
-    path: str = "linear"
-    k: int = 1
-    parent: str | None = None
-    default_steps: int = 100
-    default_method: str = "euler"
-    extra: dict = field(default_factory=dict)
-    manifold: str | None = None
-    network: dict | None = None
-    split: str | None = None
-    split_seed: int | None = None
-    data_points: int | None = None
-    data_sha256: str | None = None
-
-    def save(self, directory: str | os.PathLike) -> None:
-        write_json(Path(directory) / RUN_FILE, asdict(self))
+# --- run metadata (the library's RunInfo, with errors turned into CLIError) --------------------------
+class RunInfo(_RunInfo):
+    """:class:`steerflow.training.RunInfo` whose :meth:`load` ends a command with a one-line :class:`CLIError`."""
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "RunInfo":
-        p = Path(directory) / RUN_FILE
-        if not p.is_file():
-            return cls()
         try:
-            d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CLIError(f"{str(p)!r} is corrupt ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict):
-            raise CLIError(f"{str(p)!r} is corrupt: expected a JSON object")
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        try:
-            return cls(**known)
-        except TypeError as e:
-            raise CLIError(f"{str(p)!r} is corrupt ({e})") from None
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o: Any):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if torch.is_tensor(o):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+            return super().load(directory)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
 
 
 def save_npy(path: str | os.PathLike, x: np.ndarray) -> Path:
@@ -262,16 +201,26 @@ def coupling_workers(requested: int | None, coupling) -> int:
     return 1 if coupling is not None and cores >= 2 else 0
 
 
-def load_data(name: str):
-    """``steerflow.data.load_dataset(name)`` with a one-line error for unknown names and bad files."""
+def load_data(name: str, image_size: int | None = None):
+    """``steerflow.data.load_dataset(name)`` with a one-line error for unknown names and bad files; image
+    folders are resized on load to ``image_size`` (``--image-size``)."""
     from ..data import load_dataset
 
+    what = f"--data {name!r}" if image_size is None else f"--image-size {image_size} with --data {name!r}"
     try:
-        return load_dataset(name)
+        return load_dataset(name) if image_size is None else load_dataset(name, image_size=image_size)
     except FileNotFoundError as e:
-        raise CLIError(f"--data {name!r}: {e}") from None
+        raise CLIError(f"{what}: {e}") from None
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise CLIError(f"--data {name!r}: {_msg(e)}") from None
+        raise CLIError(f"{what}: {_msg(e)}") from None
+
+
+def load_run_data(name: str, info: RunInfo | None) -> Any:
+    """``--data`` for a command reading a checkpoint: the run's own dataset is read as it was trained on
+    (resized to the ``image_size`` its ``run.json`` records); another dataset (or no run) as it is."""
+    own = info is not None and name == info.data and isinstance(info.extra, dict)
+    size = info.extra.get("image_size") if own else None
+    return load_data(name, image_size=size)
 
 
 def data_sampler(dataset):
@@ -306,30 +255,19 @@ def _msg(e: BaseException) -> str:
     return " ".join(s.split())
 
 
-@dataclass
-class Loaded:
-    """A model restored from a checkpoint directory with its :class:`RunInfo`.
-
-    ``manifold`` is the :class:`~steerflow.manifolds.AbstractManifold` of a flow trained with
-    ``--manifold`` (the model is then a ``TangentVelocity``; sample from ``manifold.random_base`` with
-    ``geometry=manifold``), else None.
-    """
-
-    model: torch.nn.Module
-    info: RunInfo
-    directory: Path
-    manifold: Any = None
+Loaded = LoadedRun
+"""A model restored from a checkpoint directory with its :class:`RunInfo` (:class:`steerflow.training.LoadedRun`)."""
 
 
 def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu",
               allow_manifold: bool = False) -> Loaded:
-    """Restore the velocity model in ``directory`` (EMA weights when present and ``ema``), in eval mode.
+    """Restore the velocity model in ``directory`` (EMA weights when present and ``ema``), in eval mode
+    (:func:`steerflow.training.load_run`, with one-line errors).
 
     A checkpoint of a flow on a manifold is refused unless ``allow_manifold`` (commands that know how to
-    sample it with ``geometry=`` pass it); it is rebuilt from ``run.json`` as
-    ``TangentVelocity(network, M)``.
+    sample it with ``geometry=`` pass it).
     """
-    from ..training import load_checkpoint
+    from ..training.run import load_run
 
     d = Path(directory)
     if not d.exists():
@@ -337,20 +275,15 @@ def load_flow(directory: str | os.PathLike, *, ema: bool = True, device: torch.d
     if not d.is_dir():
         raise CLIError(f"--ckpt: expected a checkpoint directory, got the file {str(d)!r}")
     info = RunInfo.load(d)
-    if info.manifold is not None:
-        if not allow_manifold:
-            raise CLIError(f"--ckpt {str(d)!r} holds a flow on the manifold {info.manifold}; this command "
-                           "works on flat flows only (sample, eval and plot take manifold checkpoints)")
-        return _load_manifold_flow(d, info, ema=ema, device=device)
+    if info.manifold is not None and not allow_manifold:
+        raise CLIError(f"--ckpt {str(d)!r} holds a flow on the manifold {info.manifold}; this command "
+                       "works on flat flows only (sample, eval and plot take manifold checkpoints)")
     try:
-        ckpt = load_checkpoint(d, device=device)
+        return load_run(d, ema=ema, device=device, info=info)
     except FileNotFoundError as e:
         raise CLIError(f"--ckpt {str(d)!r}: incomplete checkpoint ({_msg(e)})") from None
     except Exception as e:  # corrupt JSON, truncated safetensors, state-dict mismatch: all user-facing here
         raise CLIError(f"--ckpt {str(d)!r}: cannot load checkpoint ({_msg(e)})") from None
-    model = ckpt.ema_model if (ema and ckpt.ema_model is not None) else ckpt.model
-    model.to(device).eval()
-    return Loaded(model=model, info=info, directory=d)
 
 
 # --- flows on manifolds ------------------------------------------------------------------------------
@@ -459,56 +392,3 @@ def split_points(x: torch.Tensor, split: str | None, seed: int) -> torch.Tensor:
     if out.shape[0] < 1:
         raise CLIError(f"--split {split}: the data has {x.shape[0]} points, too few for an 80/10/10 split")
     return out
-
-
-NETWORK_EMBEDS = ("periodic",)  # input features a manifold run's network may see instead of raw coordinates
-
-
-def network_embed(manifold) -> str | None:
-    """The input features ``steerflow train --manifold`` gives its network: ``"periodic"`` (``cos θ, sin θ``,
-    :meth:`FlatTorus.periodic_features`) on a torus or a product with a torus factor, whose raw angles jump by 2π
-    at the seam; None (the ambient coordinates, continuous already) elsewhere."""
-    from ..manifolds import FlatTorus, Product
-
-    def has_torus(m) -> bool:
-        return isinstance(m, FlatTorus) or (isinstance(m, Product) and any(map(has_torus, m.factors)))
-
-    return "periodic" if has_torus(manifold) else None
-
-
-def build_manifold_model(manifold, network: dict):
-    """``TangentVelocity(build_model(network["name"], **network["config"]), manifold, embed=...)``; ``network``'s
-    optional ``"embed"`` (``"periodic"``) names the input features (runs without it saw raw coordinates)."""
-    from ..manifolds import TangentVelocity
-    from ..models import build_model
-
-    embed = network.get("embed")
-    if embed not in (None, *NETWORK_EMBEDS):
-        raise ValueError(f"unknown network embed {embed!r}; expected one of {list(NETWORK_EMBEDS)}")
-    if embed == "periodic" and not hasattr(manifold, "periodic_features"):
-        raise ValueError(f"network embed 'periodic' needs a torus, got {manifold.name}")
-    return TangentVelocity(build_model(network["name"], **network["config"]), manifold,
-                           embed=manifold.periodic_features if embed == "periodic" else None)
-
-
-def _load_manifold_flow(d: Path, info: RunInfo, *, ema: bool, device) -> Loaded:
-    from ..training import load_state, read_config
-
-    manifold = manifold_of(info.manifold)
-    net = info.network
-    if not (isinstance(net, dict) and isinstance(net.get("name"), str) and isinstance(net.get("config"), dict)):
-        raise CLIError(f"{str(d / RUN_FILE)!r} is corrupt: a manifold run needs 'network': {{'name', 'config'}}, "
-                       f"got {net!r}")
-    try:
-        model = build_manifold_model(manifold, net)
-        has_ema = "ema" in read_config(d)["files"]
-        ema_model = build_manifold_model(manifold, net) if (ema and has_ema) else None
-        load_state(d, model, ema=ema_model)
-    except FileNotFoundError as e:
-        raise CLIError(f"--ckpt {str(d)!r}: incomplete checkpoint ({_msg(e)})") from None
-    except Exception as e:
-        raise CLIError(f"--ckpt {str(d)!r}: cannot load checkpoint ({_msg(e)})") from None
-    model = ema_model if ema_model is not None else model
-    model.to(device).eval()
-    return Loaded(model=model, info=info, directory=d, manifold=manifold)
-

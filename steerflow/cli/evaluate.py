@@ -43,19 +43,23 @@ class NFEScore:
 @torch.no_grad()
 def score_settings(v: Callable[[Tensor, Tensor], Tensor], x_0: Tensor, reference: Tensor,
                    settings: Sequence[str], *, atol: float = 1e-5, rtol: float = 1e-5,
-                   samples_out: dict | None = None) -> list[NFEScore]:
+                   samples_out: dict | None = None, progress: bool = False) -> list[NFEScore]:
     """Solve from ``x_0`` (n, *d) with each setting and compare with ``reference`` (m, *d) samples.
 
     A setting is an integer ``k`` (``k`` Euler steps, ``k`` NFE) or ``dopri5`` (adaptive; its NFE counted).
     W2 is the exact empirical 2-Wasserstein distance (:func:`steerflow.metrics.w2`), ``energy`` the squared
     energy distance (:func:`steerflow.metrics.energy_distance`); both on flattened samples. When
-    ``samples_out`` is a dict it receives ``{setting: x_1}``.
+    ``samples_out`` is a dict it receives ``{setting: x_1}``; ``progress`` shows a bar over the settings.
     """
     from ..metrics import energy_distance, w2
     from ..metrics.cost import Cost
     from ..solvers import sample
 
     out = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        settings = tqdm(settings, desc="solver settings", unit="setting", leave=False)
     for s in settings:
         cost = Cost()
         t0 = time.perf_counter()
@@ -110,6 +114,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="random seed (default 0); for a manifold checkpoint it also draws the 80/10/10 split "
                         "(default: the seed the checkpoint's training split was drawn with)")
     C.add_device(p)
+    C.add_quiet(p)
     man = p.add_argument_group("manifold checkpoints (test NLL)")
     man.add_argument("--split", choices=C.SPLITS, default=None,
                      help="which part of --data to score: the train/val/test part of the random 80/10/10 split "
@@ -163,7 +168,7 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
         with warnings.catch_warnings():  # its count is reported below, with the points' positions
             warnings.filterwarnings("ignore", message="log_likelihood: ", category=RuntimeWarning)
             logp = manifold_log_likelihood(loaded.model, x.to(device), M, cost=cost, batch_size=args.batch,
-                                           **ode).cpu().double()
+                                           progress=not args.quiet, **ode).cpu().double()
     except RuntimeError as e:
         raise CLIError(f"the likelihood on {M.name} failed ({C._msg(e)})") from None
     sec = time.perf_counter() - t0
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--data is needed: {args.ckpt!r} does not record its dataset")
     if args.n is None:
         args.n = DEFAULT_N
-    dataset = C.load_data(data_name)
+    dataset = C.load_run_data(data_name, loaded.info)
     event_shape = tuple(loaded.model.event_shape)
     g = C.generator(args.seed)
     reference = C.data_sampler(dataset)(args.n, g)
@@ -265,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         settings = list(dict.fromkeys(args.nfe))
     if loaded.info.kind == "distilled" and settings != ["1"]:
         print("note: a distilled model is a one-step generator; only NFE 1 is meaningful", file=sys.stderr)
-    scores = score_settings(loaded.model, x_0, reference, settings)
+    scores = score_settings(loaded.model, x_0, reference, settings, progress=not args.quiet)
     s = None  # a distilled model is a one-step map: its multi-step trajectories mean nothing
     if loaded.info.kind != "distilled":
         with torch.no_grad():

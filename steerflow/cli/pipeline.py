@@ -148,7 +148,7 @@ def run_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = pipe.generate(prompt, n=args.n, steps=steps, guidance_scale=args.guidance,
                            negative_prompt=args.negative_prompt, height=height, width=width,
-                           generator=C.generator(args.seed), method=args.method or "euler", progress=True,
+                           generator=C.generator(args.seed), method=args.method or "euler", progress=not getattr(args, "quiet", False),
                            output="latent" if out.suffix.lower() == ".npy" else "image")
     seconds = time.perf_counter() - t0
     if out.suffix.lower() == ".npy":
@@ -210,16 +210,21 @@ def run_steer(args: argparse.Namespace) -> int:
     reps = args.ensemble if method == "enkg" else 1
     if method == "unguided":
         guidance = None
-    elif space == "latent":
-        op_z, y_z = pipe.latent_measurement(A, y)
-        guidance = build_method(method, op_z, y_z, args.latent_noise, scale=args.scale, ensemble_size=reps)
     else:
-        guidance = build_method(method, pipe.pixel_operator(A), y, args.noise, scale=args.scale, ensemble_size=reps)
+        if space == "latent":
+            op, y_m, sigma = *pipe.latent_measurement(A, y), args.latent_noise
+        else:
+            op, y_m, sigma = pipe.pixel_operator(A), y, args.noise
+        try:
+            guidance = build_method(method, op, y_m, sigma, scale=args.scale, ensemble_size=reps,
+                                    window=args.guidance_window)
+        except ValueError as e:
+            raise CLIError(f"--method {method}: {e}") from None
     cost = Cost()
     t0 = time.perf_counter()
     z = pipe.generate(prompt, n=reps, steps=args.steps or 28, guidance_scale=args.guidance,
                       negative_prompt=args.negative_prompt, height=shape[1], width=shape[2], generator=gen,
-                      guidance=guidance, method="euler", progress=True, cost=cost, output="latent")
+                      guidance=guidance, method="euler", progress=not getattr(args, "quiet", False), cost=cost, output="latent")
     with torch.no_grad():
         result = pipe.decode(z.mean(0, keepdim=True))  # EnKG: the ensemble mean
     seconds = time.perf_counter() - t0
@@ -268,7 +273,7 @@ def run_invert(args: argparse.Namespace) -> int:
     prompt = _prompt(pipe, args, required=False) or ""
     x = _input(pipe, args)
     z = pipe.invert(x, prompt, steps=args.steps or 28, gamma=args.gamma, generator=C.generator(args.seed),
-                    guidance_scale=args.guidance if pipe.kind == "flux" else None, progress=True)
+                    guidance_scale=args.guidance if pipe.kind == "flux" else None, progress=not getattr(args, "quiet", False))
     C.save_npy(args.out, z.float().cpu().numpy())
     print(f"steerflow invert: {x.shape[0]} image(s) -> latent noise {tuple(z.shape)} in {args.out}", file=sys.stderr)
     return 0
@@ -282,7 +287,7 @@ def run_edit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = pipe.edit(x, prompt, source_prompt=args.source_prompt, steps=args.steps or 28, gamma=args.gamma,
                     eta=args.eta, window=args.window, guidance_scale=args.guidance,
-                    generator=C.generator(args.seed), progress=True)
+                    generator=C.generator(args.seed), progress=not getattr(args, "quiet", False))
     seconds = time.perf_counter() - t0
     record = {"prompt": prompt, "source_prompt": args.source_prompt, "eta": args.eta, "gamma": args.gamma,
               "window": list(args.window), "steps": args.steps or 28, "seed": args.seed, "seconds": seconds}

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--kind density needs a sphere2 --ckpt")
     reference = None
     if data_name is not None:
-        reference = C.data_sampler(C.load_data(data_name))(args.n, C.generator(args.seed + 1))
+        reference = C.data_sampler(C.load_run_data(data_name, loaded.info if loaded is not None else None))(args.n, C.generator(args.seed + 1))
     if args.kind == "trajectories":
         if tuple(loaded.model.event_shape) != (2,):
             raise CLIError(f"--kind trajectories draws 2-D flows; this model generates {tuple(loaded.model.event_shape)}")

@@ -39,12 +39,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=C.positive_float, default=3.0, help="shift of the shifted grid (SD3)")
     p.add_argument("--batch", type=C.positive_int, default=4096, help="solve this many samples at a time")
     C.add_device(p)
+    C.add_quiet(p)
     add_pipeline_args(p, prompt_help="text prompt (with --pipeline)")
 
 
 def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, seed: int, grid: str = "uniform",
          shift: float = 3.0, batch: int = 4096, device: torch.device | str = "cpu",
-         return_source: bool = False):
+         return_source: bool = False, progress: bool = False):
     """Sample ``n`` points from a loaded checkpoint: ``x_0 ~ source``, then the ODE solve.
 
     For a manifold checkpoint ``x_0 ~ M.random_base`` and the solve runs with ``geometry=M``.
@@ -64,10 +65,17 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
     if method != "dopri5":
         ts = shifted_grid(steps, shift) if grid == "shifted" else uniform_grid(steps)
     out = []
+    starts = range(0, n, batch)
+    many = progress and len(starts) > 1  # one bar over the batches; a single batch shows its solver steps
+    if many:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sampling", unit="batch", leave=False)
     with torch.no_grad():
-        for i in range(0, n, batch):
+        for i in starts:
             xb = x_0[i:i + batch].to(device)
-            out.append(sample(loaded.model, xb, ts=ts, method=method, generator=g, geometry=manifold).cpu())
+            out.append(sample(loaded.model, xb, ts=ts, method=method, generator=g, geometry=manifold,
+                              progress=progress and not many).cpu())
     x_1 = torch.cat(out)
     return (x_0, x_1) if return_source else x_1
 
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--latlon and .csv output are for sphere2 checkpoints; {args.ckpt!r} holds {what} "
                        "(write a .npy)")
     x = draw(loaded, args.n, steps=args.steps, method=args.method, seed=args.seed, grid=args.grid, shift=args.shift,
-             batch=args.batch, device=device)
+             batch=args.batch, device=device, progress=not args.quiet)
     if latlon:
         write_latlon(out, x)
         print(f"wrote {x.shape[0]} samples as latitude/longitude (degrees) to {out}", file=sys.stderr)

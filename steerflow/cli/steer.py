@@ -9,7 +9,8 @@
 * ``edit``: invert, then regenerate with the controlled editing field toward the input (``--eta`` on
   ``--window``), optionally under a new ``--class-label``.
 
-Library helpers :func:`build_task` and :func:`build_method` are shared with the benchmarks.
+The inverse tasks and methods by name are library functions, :func:`steerflow.steering.tasks.build_task` and
+:func:`~steerflow.steering.tasks.build_method` (re-exported here).
 Images are arrays in the model's value range (``[-1, 1]`` for steerflow's image data) or PNG files
 (mapped from ``[0, 255]`` to ``[-1, 1]``).
 """
@@ -24,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..steering.tasks import INVERSE_METHODS, INVERSE_TASKS, METHODS, build_method, build_task
 from . import _common as C
 from ._common import add_seed, generator, load_flow, positive_int, save_npy, write_json
 from .main import CLIError, Command, register
@@ -31,85 +33,8 @@ from .pipeline import add_pipeline_args, is_pipeline_folder, run_edit, run_inver
 
 __all__ = ["INVERSE_TASKS", "TASKS", "INVERSE_METHODS", "METHODS", "build_task", "build_method", "image_shape"]
 
-INVERSE_TASKS = ("inpaint", "box", "random", "superres", "deblur", "colorize", "denoise")
-"""Operator names of :func:`build_task` (``inpaint`` is box inpainting)."""
 TASKS = ("inpaint", "superres", "deblur", "denoise", "class", "colorize")
 """``--task`` choices of ``steerflow steer``."""
-INVERSE_METHODS = ("unguided", "flowchef", "dps", "dds", "enkg", "otode", "pnpflow", "default")
-"""The methods the benchmark compares; ``steer`` accepts these and the rest of ``GUIDANCES``."""
-_PRIMARY = {"flowchef": "step_size", "pnpflow": "step_size", "dps": "scale", "lookahead": "scale",
-            "dreamguider": "scale", "enkg": "scale", "otode": "scale", "default": "scale"}
-
-
-def _methods() -> tuple[str, ...]:
-    from ..steering.guidance import GUIDANCES
-
-    return ("unguided",) + tuple(sorted(k for k in GUIDANCES if k not in ("exact",)))
-
-
-METHODS = _methods()
-
-
-def build_task(name: str, shape: Sequence[int], *, generator: torch.Generator | None = None,
-               p_observed: float = 0.4, blur_size: int = 5, blur_std: float = 1.0, factor: int = 2,
-               blur: str = "gaussian", blur_angle: float = 0.0):
-    """The measurement operator of an inverse task for images of shape ``(C, H, W)``.
-
-    ``inpaint``/``box``: the centre ``H/2 × W/2`` box hidden; ``random``: each pixel observed with
-    probability ``p_observed`` (drawn from ``generator``); ``superres``: ``factor × factor`` average
-    pooling; ``deblur``: a ``blur_size`` Gaussian blur of std ``blur_std`` (``blur="motion"``: a linear motion
-    blur of length ``blur_size`` at ``blur_angle`` degrees); ``colorize``: the grey image of an RGB image;
-    ``denoise``: the identity.
-    """
-    from ..steering.operators import AvgPool, Blur, Colorize, Identity, Mask
-
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3:
-        raise ValueError(f"tasks act on images (C, H, W), got shape {shape}")
-    _, H, W = shape
-    if name in ("inpaint", "box"):
-        return Mask.box(shape, H // 4, W // 4, max(1, H // 2), max(1, W // 2))
-    if name == "random":
-        return Mask.random(shape, p_observed, generator)
-    if name == "superres":
-        if H % factor or W % factor:
-            raise ValueError(f"superres by {factor} needs H and W divisible by {factor}, got {H}x{W}")
-        return AvgPool(factor, shape)
-    if name == "deblur":
-        if blur not in ("gaussian", "motion"):
-            raise ValueError(f"unknown blur {blur!r}; expected 'gaussian' or 'motion'")
-        if blur == "motion":
-            return Blur.motion(blur_size, blur_angle, shape)
-        return Blur.gaussian(blur_size, blur_std, shape)
-    if name == "colorize":
-        return Colorize(shape)
-    if name == "denoise":
-        return Identity(shape)
-    raise ValueError(f"unknown task {name!r}; expected one of {list(INVERSE_TASKS)}")
-
-
-def build_method(name: str, operator, y: torch.Tensor, sigma: float, *, scale: float | None = None,
-                 ensemble_size: int | None = None, path=None):
-    """A guidance for ``y = operator(x) + N(0, sigma²)`` by name; ``unguided`` is ``None``.
-
-    ``scale`` sets the method's main strength (``step_size`` for FlowChef and PnP-Flow, ``scale`` for the
-    others that have one); ``ensemble_size`` is EnKG's particles per image (the batch holds them in
-    consecutive groups).
-    """
-    from ..steering.guidance import get_guidance
-
-    if name == "unguided":
-        return None
-    kwargs = {}
-    if scale is not None:
-        if name not in _PRIMARY:
-            raise ValueError(f"method {name!r} has no scale to set; drop --scale")
-        kwargs[_PRIMARY[name]] = float(scale)
-    if name == "enkg" and ensemble_size is not None:
-        kwargs["ensemble_size"] = int(ensemble_size)
-    if path is not None:  # the path the model was trained with: x̂₁ and x̂₀ are read from it
-        kwargs["path"] = path
-    return get_guidance(name, operator, y, sigma, **kwargs)
 
 
 # --- input / output -----------------------------------------------------------------------------------
@@ -266,6 +191,8 @@ def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default 100; 28 for --pipeline)")
     p.add_argument("--scale", type=float, default=None,
                    help="method strength (CFG weight for --task class; step size / scale otherwise)")
+    p.add_argument("--guidance-window", type=_window, default=None, metavar="START,STOP",
+                   help="times t in [0, 1] where the method acts (default 0,1: the whole solve), e.g. 0,0.7")
     p.add_argument("--class-label", type=int, default=None, help="class for --task class")
     p.add_argument("--n", type=positive_int, default=8, help="samples for --task class")
     p.add_argument("--ensemble", type=positive_int, default=8, help="EnKG particles per image")
@@ -280,6 +207,7 @@ def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-noise", type=C.nonneg_float, default=0.1,
                    help="--pipeline --space latent: noise std assumed for the encoded measurement")
     add_seed(p)
+    C.add_quiet(p)
     add_pipeline_args(p, prompt_help="text prompt of the pipeline (default '')")
 
 
@@ -313,7 +241,8 @@ def _run_steer(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             g = ClassifierFreeGuidance(scale, labels) if method == "cfg" else None
-            x = steerflow.sample(model, x0, steps=args.steps, method="euler", guidance=g, cost=cost)
+            x = steerflow.sample(model, x0, steps=args.steps, method="euler", guidance=g, cost=cost,
+                                 progress=not args.quiet)
         seconds = time.perf_counter() - t0
         result = _to_image(x, shape)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,19 +261,27 @@ def _run_steer(args: argparse.Namespace) -> int:
         raise CLIError("--method cfg is for --task class")
     x_true = _load_input(args.input, shape)
     name = args.mask if args.task == "inpaint" else args.task
-    op = build_task(name, shape, generator=generator(args.seed + 1))
+    try:
+        op = build_task(name, shape, generator=generator(args.seed + 1))
+    except ValueError as e:
+        raise CLIError(f"--task {args.task}: {e}") from None
     gen = generator(args.seed)
     Ax = op(x_true)
     y = Ax + args.noise * torch.randn(Ax.shape, generator=gen)
     b = x_true.shape[0]
     reps = args.ensemble if method == "enkg" else 1
-    guidance = build_method(method, op, y.repeat_interleave(reps, 0), args.noise, scale=args.scale,
-                            ensemble_size=reps if method == "enkg" else None, path=model.path)
+    try:
+        guidance = build_method(method, op, y.repeat_interleave(reps, 0), args.noise, scale=args.scale,
+                                ensemble_size=reps if method == "enkg" else None, path=model.path,
+                                window=args.guidance_window)
+    except ValueError as e:
+        raise CLIError(f"--method {method}: {e}") from None
     x0 = torch.randn(b * reps, *shape, generator=gen)
     cost = Cost()
     t0 = time.perf_counter()
     field = lambda x, t: _to_image(model(_to_model(x, model), t), shape)  # noqa: E731
-    x = steerflow.sample(field, x0, steps=args.steps, method="euler", guidance=guidance, generator=gen, cost=cost)
+    x = steerflow.sample(field, x0, steps=args.steps, method="euler", guidance=guidance, generator=gen, cost=cost,
+                         progress=not args.quiet)
     seconds = time.perf_counter() - t0
     result = x.detach().reshape(b, reps, *shape).mean(1)  # EnKG: the ensemble mean per image
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +291,7 @@ def _run_steer(args: argparse.Namespace) -> int:
     _write_grid(out_dir / "grid.png", [x_true, _display(y, shape), result.clamp(-1, 1)])
     metrics = {"task": args.task, "mask": args.mask if args.task == "inpaint" else None, "method": method,
                "noise": args.noise, "steps": args.steps, "seed": args.seed, "scale": args.scale,
-               **cost.as_dict(), "seconds": seconds, "seconds_per_image": seconds / b,
+               "guidance_window": list(args.guidance_window or (0.0, 1.0)), **cost.as_dict(), "seconds": seconds, "seconds_per_image": seconds / b,
                **_image_metrics(result, x_true)}
     write_json(out_dir / "metrics.json", metrics)
     print(f"steerflow steer: {args.task} with {method}: PSNR {metrics['psnr_db']:.2f} dB, SSIM {metrics['ssim']:.3f} "

@@ -154,7 +154,7 @@ def run_distill(args: argparse.Namespace) -> int:
         data_name = args.data or teacher.info.data
         if not data_name:
             raise CLIError("--match needs data: pass --data (the teacher's checkpoint names no dataset)")
-        data = C.load_data(data_name)
+        data = C.load_run_data(data_name, teacher.info)
         shape = tuple(data.event_shape)
         if shape != event_shape:
             raise CLIError(f"--data {data_name!r} holds points of shape {shape}, but the model expects {event_shape}")

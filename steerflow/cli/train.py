@@ -36,8 +36,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=MODEL_CHOICES, default=None,
                    help="network (default: mlp for vectors, unet for images)")
     p.add_argument("--hidden", type=C.positive_int, default=None, help="hidden width of the MLP")
+    p.add_argument("--unet-width", type=C.positive_int, default=None, metavar="C",
+                   help="base channel count of the U-Net (image data; default 32)")
+    p.add_argument("--image-size", type=C.positive_int, default=None, metavar="N",
+                   help="resize the images of an image-folder --data to N x N on load")
     p.add_argument("--lr", type=C.positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule")
+    p.add_argument("--lr-schedule", "--schedule", dest="schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning-rate schedule after the warm-up (--schedule is the old name)")
+    p.add_argument("--warmup", type=C.nonneg_int, default=0, metavar="N",
+                   help="linear learning-rate warm-up over the first N steps")
+    p.add_argument("--grad-clip", type=C.positive_float, default=None, metavar="G",
+                   help="clip the global gradient norm to G (default: no clipping)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (CUDA only)")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write the training curves for TensorBoard into DIR (default: <out>/tensorboard, "
+                        "beside log.jsonl); needs pip install tensorboard")
     p.add_argument("--ema", type=C.unit_float, default=0.999, help="EMA decay of the weights (0 disables)")
     C.add_seed(p)
     C.add_checkpointing(p)
@@ -58,9 +71,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "split drawn with --seed (then 'steerflow eval --split test' scores the held-out 10%%)")
 
 
-def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | None, n_classes: int | None = None):
-    """Build the network for ``event_shape`` (vectors → MLP, (c, h, w) → U-Net), class-conditional with a null
-    class (label dropout 0.1, for classifier-free guidance) when ``n_classes`` is given."""
+def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | None, n_classes: int | None = None,
+          unet_width: int | None = None):
+    """Build the network for ``event_shape`` (vectors → MLP, (c, h, w) → U-Net with ``unet_width`` base
+    channels), class-conditional with a null class (label dropout 0.1, for classifier-free guidance) when
+    ``n_classes`` is given."""
     from ..models import build_model
 
     cond_kw = {} if n_classes is None else {"n_classes": int(n_classes), "label_dropout": 0.1}
@@ -71,6 +86,8 @@ def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | No
         if len(event_shape) != 1:
             raise CLIError(f"--model {model_name} needs vector data (n, d); the data has samples of shape "
                            f"{tuple(event_shape)} (use --model unet)")
+        if unet_width is not None:
+            raise CLIError(f"--unet-width applies to the U-Net (image data); --model {model_name} has --hidden")
         if model_name == "mlp-selu" and n_classes is not None:
             raise CLIError("--model mlp-selu is unconditional; the data has labels (add --unconditional)")
         kw = {"dim": int(event_shape[0]), **cond_kw}
@@ -80,8 +97,9 @@ def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | No
     if len(event_shape) != 3:
         raise CLIError(f"--model unet needs image data (n, c, h, w); the data has samples of shape {tuple(event_shape)}")
     c, h, w = event_shape
+    width = {} if unet_width is None else {"base_channels": int(unet_width)}
     try:
-        return build_model("unet", in_channels=int(c), image_size=int(h), **cond_kw)
+        return build_model("unet", in_channels=int(c), image_size=int(h), **width, **cond_kw)
     except (TypeError, ValueError) as e:
         raise CLIError(f"--model unet for images of shape {tuple(event_shape)}: {e}") from None
 
@@ -111,6 +129,24 @@ def _check_resume(out: Path, model) -> None:
                        f"but this run builds {want['name']} {want['config']} (use the same --model/--hidden/--data)")
 
 
+def _optimisation(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
+    """``train``'s keywords from the optimisation and logging flags."""
+    if args.warmup > args.steps:
+        raise CLIError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
+    if args.bf16 and device.type != "cuda":
+        raise CLIError(f"--bf16 (bfloat16 autocast) needs a CUDA device; the device is {device}")
+    callbacks = None
+    if args.tensorboard is not None:
+        from ..training import TensorBoardLogger
+
+        try:
+            callbacks = [TensorBoardLogger(Path(args.tensorboard) if args.tensorboard else out / "tensorboard")]
+        except ImportError as e:
+            raise CLIError(f"--tensorboard: {e}") from None
+    return dict(lr=args.lr, lr_schedule=args.schedule, warmup=args.warmup, grad_clip=args.grad_clip,
+                amp="bf16" if args.bf16 else None, callbacks=callbacks)
+
+
 def _run_manifold(args: argparse.Namespace) -> int:
     """``train`` on a manifold: the same loop, with ``TangentVelocity``, ``GeodesicPath`` and ``M.random_base``."""
     from ..paths.geodesic import GeodesicPath
@@ -127,6 +163,9 @@ def _run_manifold(args: argparse.Namespace) -> int:
     if args.model not in (None, "mlp"):
         raise CLIError(f"--model {args.model} is not available with --manifold; the network is an MLP "
                        "on ambient coordinates projected onto the tangent space (--model mlp)")
+    for flag, val in (("--unet-width", args.unet_width), ("--image-size", args.image_size)):
+        if val is not None:
+            raise CLIError(f"{flag} applies to image data, not with --manifold")
     device = C.device_of(args.device)
     points = C.load_manifold_data(args.data, manifold)
     split = args.split
@@ -156,11 +195,11 @@ def _run_manifold(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
                            f"({_split_words(*old_split)}{'' if same_data else ', other data'}), but this run "
                            f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
+    options = _optimisation(args, out, device)
     C.begin_run(out, info, args.resume)
     res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold),
-                steps=args.steps, batch_size=args.batch, lr=args.lr, schedule=args.schedule,
-                ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out, resume=args.resume,
-                progress=not args.quiet, ckpt_every=args.ckpt_every)
+                steps=args.steps, batch_size=args.batch, ema_decay=args.ema or None, seed=args.seed, device=device,
+                out_dir=out, resume=args.resume, progress=not args.quiet, ckpt_every=args.ckpt_every, **options)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
     C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on "
                          f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}; "
@@ -181,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     if args.split != "all":
         raise CLIError("--split applies with --manifold only")
     device = C.device_of(args.device)
-    dataset = C.load_data(args.data)
+    dataset = C.load_data(args.data, image_size=args.image_size)
     event_shape = tuple(C.data_sampler(dataset)(2, C.generator(0)).shape[1:])
     n_classes = None
     if getattr(dataset, "labels", None) is not None:
@@ -191,19 +230,22 @@ def run(args: argparse.Namespace) -> int:
             classes = getattr(dataset, "classes", None)
             n_classes = len(classes) if classes else int(dataset.labels.max()) + 1
     with C.seeded(args.seed):  # initial weights from --seed, the caller's RNG untouched
-        model = build(args.model, event_shape, args.hidden, n_classes)
+        model = build(args.model, event_shape, args.hidden, n_classes, unet_width=args.unet_width)
     source = C.source_sampler(args.source, event_shape)
     out = Path(args.out)
     C.check_out(out, args.resume)
     if args.resume and (out / LATEST).exists():
         _check_resume(out, model)
     coupling = None if args.coupling == "independent" else args.coupling  # independent: no re-pairing
-    info = C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling, path=args.path)
+    info = C.RunInfo(data=args.data, source=args.source, kind="flow", coupling=args.coupling, path=args.path,
+                     extra={} if args.image_size is None else {"image_size": args.image_size})
+    options = _optimisation(args, out, device)
     C.begin_run(out, info, args.resume)  # (an interrupted run's checkpoint then samples from the right source)
     res = train(model, dataset, source=source, coupling=coupling, path=args.path, steps=args.steps,
-                batch_size=args.batch, lr=args.lr, schedule=args.schedule, ema_decay=args.ema or None,
-                seed=args.seed, device=device, out_dir=out, resume=args.resume, progress=not args.quiet,
-                coupling_workers=C.coupling_workers(args.coupling_workers, coupling), ckpt_every=args.ckpt_every)
+                batch_size=args.batch, ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out,
+                resume=args.resume, progress=not args.quiet,
+                coupling_workers=C.coupling_workers(args.coupling_workers, coupling), ckpt_every=args.ckpt_every,
+                **options)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
     C.end_run(out, info, f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
                          f"final loss {final:.4g}; checkpoint in {out}")

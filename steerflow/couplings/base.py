@@ -18,7 +18,7 @@ from torch import Tensor
 from .._types import check_batch
 
 CostFn = Callable[[Tensor, Tensor], Tensor]
-Cost = Union[str, CostFn]
+CostSpec = Union[str, CostFn]  # a name in COSTS or a callable (x_0, x_1) -> (n, m) cost matrix
 
 
 def _check_pair(x_0: Tensor, x_1: Tensor, labels: Tensor | None) -> None:
@@ -130,7 +130,7 @@ def _euclidean(a: Tensor, b: Tensor) -> Tensor:
 COSTS: dict[str, CostFn] = {"sqeuclidean": _sqeuclidean, "euclidean": _euclidean}
 
 
-def resolve_cost(cost: Cost) -> CostFn:
+def resolve_cost(cost: CostSpec) -> CostFn:
     """Return the ground cost ``c(a, b) -> (..., n, m)`` for ``a`` (..., n, D) and ``b`` (..., m, D)."""
     if callable(cost):
         return cost
@@ -141,7 +141,7 @@ def resolve_cost(cost: Cost) -> CostFn:
     raise TypeError(f"cost must be a string or a callable c(a, b) -> (n, m), got {type(cost).__name__}")
 
 
-def cost_matrix(cost: Cost, x_0: Tensor, x_1: Tensor, *, batch_dims: int = 0,
+def cost_matrix(cost: CostSpec, x_0: Tensor, x_1: Tensor, *, batch_dims: int = 0,
                 dtype: torch.dtype | None = torch.float64) -> Tensor:
     """Pairwise cost ``C_ij = c(x_0[i], x_1[j])`` of flattened samples, computed in torch on their device.
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .base import AbstractIndexCoupling, Cost, all_finite, cost_matrix, resolve_cost
+from .base import AbstractIndexCoupling, CostSpec, all_finite, cost_matrix, resolve_cost
 
 SOLVERS = ("auto", "auction-jv", "lsa", "auction-lsa", "emd")
 
@@ -252,7 +252,7 @@ class ExactOT(AbstractIndexCoupling):
         solver: see :func:`solve_assignment`.
     """
 
-    def __init__(self, cost: Cost = "sqeuclidean", *, solver: str = "auto", auction_min_size: int = 2048) -> None:
+    def __init__(self, cost: CostSpec = "sqeuclidean", *, solver: str = "auto", auction_min_size: int = 2048) -> None:
         resolve_cost(cost)
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; expected one of {list(SOLVERS)}")

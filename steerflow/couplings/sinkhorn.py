@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import AbstractIndexCoupling, Cost, _random_device, _refuse_empty, cost_matrix, resolve_cost
+from .base import AbstractIndexCoupling, CostSpec, _random_device, _refuse_empty, cost_matrix, resolve_cost
 from .exact import solve_assignment
 
 
@@ -138,7 +138,7 @@ class Sinkhorn(AbstractIndexCoupling):
     """
 
     def __init__(self, reg: float = 0.05, max_iter: int = 1000, tol: float = 1e-6, normalize_cost: bool = True,
-                 *, cost: Cost = "sqeuclidean", hard: bool = False, check_every: int = 1,
+                 *, cost: CostSpec = "sqeuclidean", hard: bool = False, check_every: int = 1,
                  dtype: torch.dtype = torch.float64) -> None:
         if not reg > 0:
             raise ValueError(f"reg must be positive, got {reg}")

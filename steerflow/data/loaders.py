@@ -18,6 +18,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy", ".npz", ".csv")
 _X_KEYS = ("x", "data", "samples", "images", "arr_0")
 _LABEL_KEYS = ("labels", "label", "y", "targets")
+PHOTO_CROP_DATASETS = {"photos32": False, "photos32-rgb": True}
+"""Dataset names of the 32×32 training crops of :func:`~steerflow.data.photos.photo_crops` → ``rgb``."""
 
 
 def load_digits() -> ArrayDataset:
@@ -150,8 +152,8 @@ def load_array(path) -> ArrayDataset:
     Floating arrays keep float32/float64; integer arrays become float32.
 
     Raises:
-        FileNotFoundError: the file does not exist. ValueError: unknown suffix, not numeric, NaN/inf,
-        or a 0-d array.
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown suffix, not numeric, NaN/inf, or a 0-d array.
     """
     p = Path(os.fspath(path)).expanduser()
     if not p.is_file():
@@ -197,23 +199,34 @@ def load_array(path) -> ArrayDataset:
 
 
 def available_datasets() -> list[str]:
-    """Names :func:`load_dataset` resolves without a path: the toys, ``digits`` and ``photo_patches``."""
-    return sorted(TOYS) + ["digits", "photo_patches"]
+    """Names :func:`load_dataset` resolves without a path: the toys, ``digits``, ``photo_patches`` and the
+    32×32 photo crops ``photos32`` / ``photos32-rgb``."""
+    return sorted(TOYS) + ["digits", "photo_patches"] + sorted(PHOTO_CROP_DATASETS)
 
 
-def load_dataset(name_or_path, *, toy_size: int = 10_000) -> AbstractDataset:
+def load_dataset(name_or_path, *, toy_size: int = 10_000, image_size=None) -> AbstractDataset:
     """Resolve a dataset by name or path.
 
     * a toy name (``TOYS``: ``moons``, ``8gaussians``, ...) → :class:`ToyDataset` that samples afresh on
       every call (nominal length ``toy_size``);
     * ``"digits"`` → :func:`load_digits`;
     * ``"photo_patches"`` → the 8×8 training patches of :func:`~steerflow.data.photos.photo_patches` (no labels);
-    * a folder → :func:`load_image_folder`; a ``.npy``/``.npz``/``.csv`` file → :func:`load_array`.
+    * ``"photos32"`` / ``"photos32-rgb"`` → the 32×32 grayscale / RGB training crops of
+      :func:`~steerflow.data.photos.photo_crops` (no labels; validation and test photographs held out);
+    * a folder → :func:`load_image_folder` (resized on load to ``image_size``: an int for square images or
+      ``(h, w)``); a ``.npy``/``.npz``/``.csv`` file → :func:`load_array`.
 
     Raises:
-        ValueError: an unknown name (the message lists the options). FileNotFoundError: a path
-        (it has a suffix or a separator) that does not exist.
+        ValueError: an unknown name (the message lists the options); ``image_size`` for data that is not an
+            image folder.
+        FileNotFoundError: a path (it has a suffix or a separator) that does not exist.
     """
+    if image_size is not None:
+        _image_size(image_size)  # checks it
+        p = Path(os.fspath(name_or_path)).expanduser() if isinstance(name_or_path, (str, os.PathLike)) else None
+        if p is None or not p.is_dir():
+            raise ValueError(f"image_size applies to image folders only; {name_or_path!r} is not a folder")
+        return load_image_folder(p, size=image_size)
     if isinstance(name_or_path, str) and name_or_path in TOYS:
         return ToyDataset(name_or_path, toy_size)
     if isinstance(name_or_path, str) and name_or_path == "digits":
@@ -222,6 +235,10 @@ def load_dataset(name_or_path, *, toy_size: int = 10_000) -> AbstractDataset:
         from .photos import photo_patches
 
         return ArrayDataset(photo_patches(8, split="train"))
+    if isinstance(name_or_path, str) and name_or_path in PHOTO_CROP_DATASETS:
+        from .photos import photo_crops
+
+        return ArrayDataset(photo_crops(split="train", rgb=PHOTO_CROP_DATASETS[name_or_path]))
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
     p = Path(os.fspath(name_or_path)).expanduser()

@@ -4,7 +4,7 @@ Matching", ICML).
 A domain is a *geometry* for :func:`steerflow.sample`: every solver stage is formed with
 ``retract(x, dx)``, which follows the straight segment ``x → x + dx`` and reflects it off every wall it
 meets (a billiard), so every stage state lies in the closed domain. Training uses the reflected
-conditional path :class:`ReflectedPath`: ``x_t = R(y_t)`` with ``y_t = alpha_t x_1 + sigma_t x_0`` and the
+conditional path :class:`~steerflow.paths.ReflectedPath` (importable from here too): ``x_t = R(y_t)`` with ``y_t = alpha_t x_1 + sigma_t x_0`` and the
 target velocity is the *reflected* velocity ``u_t = J_R(y_t) ẏ_t`` (the derivative of the fold along the
 unreflected path; for a box ``J_R`` flips the sign of every coordinate that has been reflected an odd
 number of times). The conditional flow is then the solution of the reflected ODE
@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from ..paths.affine import AffinePath, PathSample, get_path
+from ..paths.reflected import ReflectedPath  # the path lives with the paths; re-exported here
 
 BASES = ("uniform", "folded_normal")
 
@@ -360,38 +360,6 @@ class Simplex(AbstractDomain):
 
     def _folded_normal_log_prob(self, x):
         raise NotImplementedError("the folded-normal base of a simplex has no closed-form density; use base='uniform'")
-
-
-class ReflectedPath:
-    """The reflected conditional path of Reflected Flow Matching (Xie et al. 2024, §3).
-
-    ``y_t = alpha_t x_1 + sigma_t x_0`` (any affine path), ``x_t = R(y_t)``,
-    ``u_t = J_R(y_t) (d_alpha_t x_1 + d_sigma_t x_0)``: the conditional flow is the reflected ODE, and the
-    target velocity is the unreflected one with the reflected components flipped (for a box; the product of
-    the billiard's Householder reflections for a simplex). ``x_1`` must lie in the domain; ``x_0`` may be a
-    draw of :meth:`AbstractDomain.random_source` (an unfolded Gaussian is folded here, so ``x_{t=0}`` has
-    the domain's base distribution).
-    """
-
-    def __init__(self, domain: AbstractDomain, path: str | AffinePath = "linear") -> None:
-        if not isinstance(domain, AbstractDomain):
-            raise TypeError(f"domain must be a Box or Simplex, got {type(domain).__name__}")
-        self.domain, self.path = domain, get_path(path)
-
-    def __repr__(self) -> str:
-        return f"ReflectedPath({self.domain!r}, {self.path!r})"
-
-    def sample(self, x_0: Tensor, x_1: Tensor, t: Tensor) -> PathSample:
-        """``PathSample(x_t, u_t, t)`` (b, d) of the reflected path for pairs ``x_0, x_1`` (b, d), ``t`` (b,)."""
-        if x_0.shape != x_1.shape:
-            raise ValueError(f"x_0 and x_1 must have the same shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
-        if t.shape != (x_0.shape[0],):
-            raise ValueError(f"t must have shape ({x_0.shape[0]},), got {tuple(t.shape)}")
-        c = self.path.coefficients(t, x_0)
-        y_t = c.alpha_t * x_1 + c.sigma_t * x_0
-        dy_t = c.d_alpha_t * x_1 + c.d_sigma_t * x_0
-        x_t, u_t = self.domain.reflect_velocity(y_t, dy_t)
-        return PathSample(x_t=x_t, u_t=u_t, t=t, x_0=x_0, x_1=x_1)
 
 
 __all__ = ["AbstractDomain", "Box", "Simplex", "ReflectedPath", "BASES"]

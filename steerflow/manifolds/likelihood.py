@@ -62,19 +62,25 @@ def manifold_log_likelihood(
     cost: Cost | None = None,
     enable_grad: bool = False,
     batch_size: int | None = None,
+    base_log_prob: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """``log p_1(x_1)`` (b,) w.r.t. the Riemannian volume of ``manifold``:
 
     ``log p_1(x_1) = log p_base(x_0) - ∫_0^1 div_g v(x_t, t) dt`` with ``x_0`` the point ``x_1`` flows back
     to (Chen & Lipman 2024, eq. 7; Mathieu & Nickel 2020). Solved by
     :func:`steerflow.solvers.log_likelihood` with ``geometry=manifold``, the exact Riemannian divergence
-    and ``manifold.base_log_prob``. The default grid is 32 uniform steps from 1 to 0 (RK4). No autograd graph is
-    kept unless ``enable_grad=True``; ``batch_size`` bounds how many points are solved at once.
+    and the source density ``base_log_prob`` (default ``manifold.base_log_prob``; pass the ``log_prob`` of the
+    source the flow was trained from, e.g. a :class:`~steerflow.manifolds.VonMisesFisherMixture`'s).
+    The default grid is 32 uniform steps from 1 to 0 (RK4). No autograd graph is kept unless
+    ``enable_grad=True``; ``batch_size`` bounds how many points are solved at once (``progress``: a bar over the
+    batches).
 
     A point whose backward trajectory leaves ``manifold.in_numeric_range`` (on ``H²`` a learned field can
     carry it to infinity in finite time) gets ``-inf`` and the others are unaffected; a ``RuntimeWarning``
     counts them (see :func:`~steerflow.solvers.log_likelihood`).
     """
     return log_likelihood(v, x_1, steps=steps, ts=ts, method=method, divergence=riemannian_divergence(manifold),
-                          base_log_prob=manifold.base_log_prob, geometry=manifold, atol=atol, rtol=rtol,
-                          cost=cost, enable_grad=enable_grad, batch_size=batch_size)
+                          base_log_prob=manifold.base_log_prob if base_log_prob is None else base_log_prob,
+                          geometry=manifold, atol=atol, rtol=rtol,
+                          cost=cost, enable_grad=enable_grad, batch_size=batch_size, progress=progress)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .._types import VelocityField
+from ..solvers import sample
 
 
 def _check_pair(x_0: Tensor, x_1: Tensor) -> None:
@@ -56,8 +57,6 @@ def straightness(v: VelocityField, x_0: Tensor, *, steps: int = 100, method: str
     Returns:
         ``S(Z)`` as a float.
     """
-    from ..solvers import sample  # solvers import metrics.cost; import late to keep the package graph acyclic
-
     if ts is not None:
         ts = torch.as_tensor(ts)
         if ts.ndim != 1 or ts.numel() < 2 or not (ts.diff() > 0).all():

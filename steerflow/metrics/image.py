@@ -72,6 +72,12 @@ def ssim(x: Tensor, y: Tensor, data_range: float, window_size: int = 7, gaussian
 
     The map is averaged over all positions and channels of an image (MSSIM, eq. 17).
 
+    With ``window_size=11``, ``sigma=1.5`` (the paper's window) and ``padding="valid"`` this is what
+    ``skimage.metrics.structural_similarity(x, y, data_range=R, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)`` computes (``channel_axis`` for colour): skimage filters the whole image and
+    then drops the ``(ws − 1) / 2`` border positions, which leaves exactly the valid positions (agreement to
+    ~1e-15 in float64, tested).
+
     Args:
         x, y: images (b, c, h, w); the window must fit: ``window_size ≤ min(h, w)``.
         data_range: ``max - min`` of the pixel range.

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .pretrained import PretrainedMixin
 
-class AbstractVelocityModel(nn.Module, ABC):
-    """Abstract base: concrete subclasses set ``name`` and call ``_set_config`` in ``__init__``."""
+
+class AbstractVelocityModel(PretrainedMixin, nn.Module, ABC):
+    """Abstract base: concrete subclasses set ``name`` and call ``_set_config`` in ``__init__``
+    (``save_pretrained`` / ``from_pretrained`` come from :class:`~steerflow.models.pretrained.PretrainedMixin`)."""
 
     name: ClassVar[str] = "abstract"
-
-    def _set_config(self, **config: Any) -> None:
-        self._config = dict(config)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments as a JSON-able dict: ``build_model(self.name, **self.config)``."""
-        return dict(self._config)
 
     @property
     @abstractmethod
@@ -36,9 +31,6 @@ class AbstractVelocityModel(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._config.items())
 
 
 def check_time(t: Tensor, x: Tensor) -> Tensor:

@@ -9,11 +9,13 @@ per-population label cannot.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .potential import _time_features
+from .pretrained import PretrainedMixin, build_from_spec, model_spec
 
 POOLINGS = ("mean", "attention")
 
@@ -28,7 +30,7 @@ def _mlp(width_in: int, hidden: int, width_out: int, depth: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-class SetEncoder(nn.Module):
+class SetEncoder(PretrainedMixin, nn.Module):
     """Permutation-invariant embedding ``φ(P) = ρ(pool_i ψ(x^(i)))`` of point clouds (P, n, d) → (P, e).
 
     Args:
@@ -41,6 +43,8 @@ class SetEncoder(nn.Module):
             population's location and spread then need not be learned through ``ψ``).
     """
 
+    name: ClassVar[str] = "set-encoder"
+
     def __init__(self, dim: int, hidden: int = 64, embed_dim: int = 32, *, pooling: str = "mean", depth: int = 2,
                  heads: int = 4, moments: bool = True) -> None:
         super().__init__()
@@ -49,6 +53,8 @@ class SetEncoder(nn.Module):
         for name, v in (("dim", dim), ("hidden", hidden), ("embed_dim", embed_dim), ("depth", depth), ("heads", heads)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self._set_config(dim=dim, hidden=hidden, embed_dim=embed_dim, pooling=pooling, depth=depth, heads=heads,
+                         moments=bool(moments))
         self.dim, self.embed_dim, self.pooling, self.heads, self.hidden = dim, embed_dim, pooling, heads, hidden
         self.moments = moments
         self.psi = _mlp(dim, hidden, hidden, depth)
@@ -99,15 +105,18 @@ def _rows(cond: Tensor, b: int) -> Tensor:
     return cond.repeat_interleave(b // cond.shape[0], dim=0)
 
 
-class ConditionedVelocityMLP(nn.Module):
+class ConditionedVelocityMLP(PretrainedMixin, nn.Module):
     """``v(x, t, c)`` (b, d): an MLP on ``[x, time features, c]`` for a vector condition ``c`` (b, c_dim) or
     (P, c_dim) repeated over ``b / P`` consecutive rows. ``cond_dim = 0`` gives an unconditional field.
     """
+
+    name: ClassVar[str] = "conditioned-mlp"
 
     def __init__(self, dim: int, cond_dim: int = 0, hidden: int = 128, depth: int = 3, *, n_freq: int = 4) -> None:
         super().__init__()
         if not isinstance(cond_dim, int) or cond_dim < 0:
             raise ValueError(f"cond_dim must be a non-negative integer, got {cond_dim!r}")
+        self._set_config(dim=dim, cond_dim=cond_dim, hidden=hidden, depth=depth, n_freq=n_freq)
         self.dim, self.cond_dim, self.n_freq = dim, cond_dim, n_freq
         self.net = _mlp(dim + 1 + 2 * n_freq + cond_dim, hidden, dim, depth)
 
@@ -125,7 +134,7 @@ class ConditionedVelocityMLP(nn.Module):
         return self.net(torch.cat(parts, dim=-1))
 
 
-class PopulationVelocity(nn.Module):
+class PopulationVelocity(PretrainedMixin, nn.Module):
     """Meta Flow Matching field ``v(x, t | φ(P_0))``: a :class:`SetEncoder` feeding a
     :class:`ConditionedVelocityMLP`.
 
@@ -133,12 +142,26 @@ class PopulationVelocity(nn.Module):
     consecutive rows of ``x`` (population-major), or precomputed embeddings (b or P, e) from :meth:`embed`.
     """
 
+    name: ClassVar[str] = "population"
+
     def __init__(self, encoder: SetEncoder, velocity: ConditionedVelocityMLP) -> None:
         super().__init__()
         if velocity.cond_dim != encoder.embed_dim:
             raise ValueError(f"the velocity's cond_dim ({velocity.cond_dim}) must equal the encoder's "
                              f"embed_dim ({encoder.embed_dim})")
         self.encoder, self.velocity = encoder, velocity
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``{"encoder": spec, "velocity": spec}``."""
+        return {"encoder": model_spec(self.encoder), "velocity": model_spec(self.velocity)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **children: Any) -> "PopulationVelocity":
+        if set(config) != {"encoder", "velocity"}:
+            raise TypeError(f"expected the keys ['encoder', 'velocity'], got {sorted(config)}")
+        return cls(build_from_spec(config["encoder"], "encoder", **children),
+                   build_from_spec(config["velocity"], "velocity", **children))
 
     @classmethod
     def build(cls, dim: int, *, embed_dim: int = 32, hidden: int = 128, depth: int = 3, pooling: str = "mean",

@@ -13,12 +13,15 @@
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from .pretrained import PretrainedMixin, build_from_spec, model_spec
 
 
 def _time_features(t: Tensor, x: Tensor, n_freq: int) -> Tensor:
@@ -43,7 +46,7 @@ def _check_dims(dim: int, hidden: int, depth: int) -> None:
             raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}")
 
 
-class PotentialMLP(nn.Module):
+class PotentialMLP(PretrainedMixin, nn.Module):
     """Scalar potential ``f(x, t)`` (b,): an MLP on ``[x, time features]`` with smooth activations.
 
     Args:
@@ -52,6 +55,8 @@ class PotentialMLP(nn.Module):
         n_freq: sinusoidal time frequencies.
     """
 
+    name: ClassVar[str] = "potential-mlp"
+
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, *, activation: str = "silu",
                  n_freq: int = 4) -> None:
         super().__init__()
@@ -59,6 +64,7 @@ class PotentialMLP(nn.Module):
         acts = {"softplus": nn.Softplus, "silu": nn.SiLU}
         if activation not in acts:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(acts)}")
+        self._set_config(dim=dim, hidden=hidden, depth=depth, activation=activation, n_freq=n_freq)
         self.dim, self.n_freq = dim, n_freq
         layers: list[nn.Module] = []
         width = dim + 1 + 2 * n_freq
@@ -75,16 +81,19 @@ class PotentialMLP(nn.Module):
         return self.net(torch.cat([xf, _time_features(t, xf, self.n_freq)], dim=-1)).squeeze(-1)
 
 
-class QuadraticPotential(nn.Module):
+class QuadraticPotential(PretrainedMixin, nn.Module):
     """``f(x, t) = ½ xᵀ S(t) x + b(t)ᵀ x`` with ``S(t) = (M(t) + M(t)ᵀ)/2``; ``M, b`` from an MLP in ``t``.
 
     ``∇f = S(t) x + b(t)`` is every affine gradient field, the exact family of conservative flows between
     Gaussians (their Brenier maps are affine with symmetric positive-definite slope).
     """
 
+    name: ClassVar[str] = "quadratic-potential"
+
     def __init__(self, dim: int, hidden: int = 32, depth: int = 2, *, n_freq: int = 2) -> None:
         super().__init__()
         _check_dims(dim, hidden, depth)
+        self._set_config(dim=dim, hidden=hidden, depth=depth, n_freq=n_freq)
         self.dim, self.n_freq = dim, n_freq
         layers: list[nn.Module] = []
         width = 1 + 2 * n_freq
@@ -111,7 +120,7 @@ class QuadraticPotential(nn.Module):
         return 0.5 * torch.einsum("bi,bij,bj->b", xf, S, xf) + (b * xf).sum(-1)
 
 
-class ICNN(nn.Module):
+class ICNN(PretrainedMixin, nn.Module):
     """Input-convex neural network ``f(x, t)`` (b,), convex in ``x`` for every ``t`` (Amos et al. 2017).
 
     Convexity: each ``z_{l+1}`` is a convex non-decreasing function (softplus) of a non-negative combination
@@ -123,12 +132,16 @@ class ICNN(nn.Module):
         time: whether biases depend on ``t`` (``False``: a static convex potential ``f(x)``; ``t`` ignored).
     """
 
+    name: ClassVar[str] = "icnn"
+
     def __init__(self, dim: int, hidden: int = 64, depth: int = 3, *, strong_convexity: float = 0.0,
                  time: bool = True, n_freq: int = 2) -> None:
         super().__init__()
         _check_dims(dim, hidden, depth)
         if strong_convexity < 0:
             raise ValueError(f"strong_convexity must be ≥ 0, got {strong_convexity}")
+        self._set_config(dim=dim, hidden=hidden, depth=depth, strong_convexity=float(strong_convexity),
+                         time=bool(time), n_freq=n_freq)
         self.dim, self.depth, self.mu, self.time, self.n_freq = dim, depth, float(strong_convexity), time, n_freq
         self.Wx = nn.ModuleList([nn.Linear(dim, hidden, bias=False) for _ in range(depth)]
                                 + [nn.Linear(dim, 1, bias=False)])
@@ -164,7 +177,7 @@ class ICNN(nn.Module):
         return f
 
 
-class PotentialVelocity(nn.Module):
+class PotentialVelocity(PretrainedMixin, nn.Module):
     """Velocity model ``v(x, t) = link(∇_x f(x, t))`` from a scalar potential ``f`` (b,).
 
     ``link`` is the identity (a gradient field, e.g. ``∇`` of an :class:`ICNN`) or the gradient of a cost's
@@ -176,8 +189,12 @@ class PotentialVelocity(nn.Module):
 
     Args:
         potential: ``f(x, t) -> (b,)`` or ``(b, 1)``; called as ``f(x, t, cond)`` when ``cond`` is given.
-        link: map applied to ``∇f`` (elementwise or vector), default identity.
+        link: map applied to ``∇f`` (elementwise or vector), default identity. A cost's ``grad_conjugate``
+            (:mod:`steerflow.transport.costs`) is saved by the cost's name and options; loading asks for it
+            again (``from_pretrained(dir, link=cost.grad_conjugate)``), since costs live above the models.
     """
+
+    name: ClassVar[str] = "potential-velocity"
 
     def __init__(self, potential: nn.Module | Callable[..., Tensor],
                  link: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -186,6 +203,30 @@ class PotentialVelocity(nn.Module):
             raise TypeError(f"potential must be callable f(x, t) -> (b,), got {type(potential).__name__}")
         self.potential = potential
         self.link = link
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``{"potential": spec, "link": None | {"cost": name, "options": {...}}}``."""
+        return {"potential": model_spec(self.potential), "link": _link_spec(self.link)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, link: Callable[[Tensor], Tensor] | None = None,
+                    **children: Any) -> "PotentialVelocity":
+        """Rebuild from ``config``; a stored cost link must be passed again as ``link=`` (the cost's
+        ``grad_conjugate``, e.g. ``get_cost("lp", p=1.5).grad_conjugate``), and is checked against the record."""
+        config = dict(config)
+        potential = build_from_spec(config.pop("potential", None), "potential", **children)
+        stored = config.pop("link", None)
+        if config:
+            raise TypeError(f"unexpected keys {sorted(config)}")
+        if stored is not None and link is None:
+            options = ", ".join(f"{k}={v!r}" for k, v in (stored.get("options") or {}).items())
+            raise ValueError(f"this field's link is the gradient of the conjugate of the cost {stored.get('cost')!r}"
+                             f"; pass link=get_cost({stored.get('cost')!r}{', ' + options if options else ''})"
+                             ".grad_conjugate (steerflow.transport.costs)")
+        if _link_spec(link) != stored:
+            raise ValueError(f"link={link!r} is not the stored link {stored!r}")
+        return cls(potential, link)
 
     def potential_value(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """``f(x, t)`` (b,)."""
@@ -208,6 +249,20 @@ class PotentialVelocity(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         g = self.gradient(x, t, cond)
         return g if self.link is None else self.link(g)
+
+
+def _link_spec(link: Callable[[Tensor], Tensor] | None) -> dict[str, Any] | None:
+    """A link stored by name: None, or a cost's bound ``grad_conjugate`` as the cost's name and init options."""
+    if link is None:
+        return None
+    cost = getattr(link, "__self__", None)
+    if cost is not None and getattr(link, "__name__", None) == "grad_conjugate" and isinstance(
+            getattr(cost, "name", None), str):
+        params = inspect.signature(type(cost).__init__).parameters
+        options = {k: getattr(cost, k) for k in params if k != "self" and hasattr(cost, k)}
+        return {"cost": cost.name, "options": options}
+    raise TypeError(f"the link {link!r} cannot be saved: only None or a cost's grad_conjugate "
+                    "(steerflow.transport.costs) is stored by name")
 
 
 __all__ = ["PotentialMLP", "QuadraticPotential", "ICNN", "PotentialVelocity"]

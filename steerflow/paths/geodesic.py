@@ -11,14 +11,30 @@ for ``t < 1``. Each manifold computes ``d/dt x_t`` in closed form (``Sⁿ``: ``-
 cos(t|u|) u``; ``Hⁿ``: ``|u| sinh(t|u|) x_0 + cosh(t|u|) u``; ``SO(3)``: ``x_t Ω``; flat spaces: ``u``),
 avoiding the division by ``1 - t``. The loss is the metric norm ``|v_θ(x_t, t) - u_t|²_{x_t}``.
 On ``Euclidean(d)`` this is exactly :class:`~steerflow.paths.LinearPath`.
+
+The manifold is any object with the interface of :class:`steerflow.manifolds.AbstractManifold` that this path
+uses (``shape``, ``name``, ``geodesic``, ``inner``, ``expmap``): paths sit below the manifolds in the package
+layers, so this module does not import them.
 """
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor
 
 from .._types import expand_t
-from ..manifolds.base import AbstractManifold
 from .affine import PathSample
+
+_MANIFOLD_METHODS = ("geodesic", "inner", "expmap")
+
+
+def _check_manifold(manifold: Any) -> None:
+    """Refuse anything that is not a manifold (a name, a domain, ...) with a ``TypeError``."""
+    ok = hasattr(manifold, "shape") and hasattr(manifold, "name") and all(
+        callable(getattr(manifold, m, None)) for m in _MANIFOLD_METHODS)
+    if not ok:
+        raise TypeError(f"GeodesicPath needs a manifold (a steerflow.manifolds.AbstractManifold such as Sphere(2)), "
+                        f"got {type(manifold).__name__}")
 
 
 class GeodesicPath:
@@ -27,9 +43,8 @@ class GeodesicPath:
     ``x_0, x_1`` are points of shape ``(b, *manifold.shape)``, ``t`` is (b,).
     """
 
-    def __init__(self, manifold: AbstractManifold) -> None:
-        if not isinstance(manifold, AbstractManifold):
-            raise TypeError(f"GeodesicPath needs an AbstractManifold, got {type(manifold).__name__}")
+    def __init__(self, manifold: Any) -> None:
+        _check_manifold(manifold)
         self.manifold = manifold
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._types import VelocityField, check_batch
-from ..metrics.cost import Cost
+from .cost import Cost
 from .grids import uniform_grid
 from .sample import sample
 from .steps import FLAT, Geometry, SolveBreakdown
@@ -98,6 +98,7 @@ def log_likelihood(
     cost: Cost | None = None,
     enable_grad: bool = False,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Return ``log p_1(x_1)`` (b,) of the flow ``v`` whose source density is ``base_log_prob``.
 
@@ -109,6 +110,7 @@ def log_likelihood(
             parameters). Off by default: the divergence's VJPs are taken without keeping the solve's graph.
         batch_size: solve at most this many points at a time, so memory is that of one such solve (default:
             all at once). The result does not depend on it (Hutchinson's probes are drawn for all points first).
+        progress: show a progress bar over the batches.
 
     Points whose backward trajectory leaves the numeric range of ``geometry`` (``geometry.in_numeric_range``,
     else :func:`in_numeric_range`) — a learned field on ``H²`` can carry a point to infinity in finite time —
@@ -148,8 +150,12 @@ def log_likelihood(
                            dict(ts=ts, method=method, atol=atol, rtol=rtol, cost=cost))
     n = x_1.shape[0]
     size = n if batch_size is None else batch_size
-    parts = [_solve_or_split(solve, x_1[i:i + size], None if eps is None else eps[i:i + size])
-             for i in range(0, n, size)]
+    starts = range(0, n, size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="log-likelihood", unit="batch", leave=False)
+    parts = [_solve_or_split(solve, x_1[i:i + size], None if eps is None else eps[i:i + size]) for i in starts]
     logp = torch.cat([p[0] for p in parts])
     outside, escaped = (int(sum(p[k].sum() for p in parts)) for k in (1, 2))
     if outside or escaped:

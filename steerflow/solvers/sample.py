@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._types import VelocityField, check_batch
-from ..metrics.cost import Cost
+from .cost import Cost
 from .grids import check_grid, uniform_grid
 from .steps import FLAT, AbstractSolver, Dopri5, Geometry, get_solver
 

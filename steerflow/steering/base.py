@@ -6,12 +6,24 @@ grid interval ``[t, t + dt]``:
 1. once before the loop, ``g.initial(v, x_0, ts, generator=, cost=) -> x_0'`` (e.g. D-Flow optimises the
    start noise through whole solves);
 2. at every solver stage, ``g.velocity(v, x, t, dt, generator=, cost=) -> v'`` in place of ``v(x, t)``
-   (DPS, FlowChef, classifier-free guidance, EnKG, OT-ODE, ...);
+   (DPS, FlowChef, classifier-free guidance, EnKG, OT-ODE, ...; inside the method's window, below);
 3. after the step, ``g.after_step(v, x_next, t_next, t=, generator=, cost=) -> x_next'`` (DDS's
    conjugate-gradient data consistency, PnP-Flow's projection, ...).
 
 ``v`` is the counted base field ``v(x, t)`` with ``t`` of shape ``(b,)``; ``cost`` is the
 :class:`~steerflow.metrics.cost.Cost` of the solve, where methods add their VJPs and operator calls.
+
+**The window.** Every method acts on a window of time ``(start, stop)`` (``window=`` of its constructor, default
+``(0, 1)``: all of ``[0, 1]``): :meth:`AbstractGuidance.velocity`, the hook the loop calls, returns the method's
+:meth:`~AbstractGuidance.guided_velocity` where ``start <= t < stop`` (``stop = 1`` includes ``t = 1``) and the base
+field ``v(x, t)`` elsewhere, so outside the window the solve is the unguided flow. A method implements
+``guided_velocity`` (and, where it needs them, ``initial`` / ``after_step``, which run at every step: they also keep
+the bookkeeping of a solve); the window is decided here, once. The window is tested at each solver stage's
+time, so a multi-stage step that ends at ``start`` (heun, rk4) evaluates its last stage guided; with euler and
+midpoint steps the state at ``start`` is exactly the unguided one. A method that acts at the start of the solve
+only (D-Flow) acts when the grid's first time lies in its window. Guidances that override ``velocity`` itself
+(classifier-free guidance, the RF-Inversion controllers with their closed ``[t_start, t_end]``, :class:`Compose`)
+decide time themselves.
 
 Before integrating, the loop calls ``g.check(v, solver=solver)`` once: a method refuses there a solver or a
 model path its formulas do not hold for. The path is the one the model was trained with: ``v.model.path`` when
@@ -26,6 +38,7 @@ first data prediction and the measurement, at least 1, the scale of the standard
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC
 from typing import Any, Callable
 
@@ -81,6 +94,26 @@ def resolve_path(path: AffinePath | None, v: Any, *, who: str, carried: AffinePa
     return path
 
 
+FULL_WINDOW = (0.0, 1.0)
+"""The default window of a guidance: all of ``[0, 1]``."""
+
+
+def check_window(window: Any) -> tuple[float, float]:
+    """Validate a guidance's ``window=(start, stop)``: two numbers with ``0 <= start < stop <= 1`` (t = 0 noise)."""
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__"):
+        raise TypeError(f"window must be a pair (start, stop) of times in [0, 1], got {window!r}")
+    if len(window) != 2:
+        raise ValueError(f"window must be a pair (start, stop) of times in [0, 1], got {len(window)} values")
+    for w in window:
+        if isinstance(w, bool) or not (isinstance(w, numbers.Real) or torch.is_tensor(w) and w.numel() == 1):
+            raise TypeError(f"window must hold two numbers (start, stop), got {window!r}")
+    start, stop = float(window[0]), float(window[1])
+    if not 0.0 <= start < stop <= 1.0:  # NaN fails every comparison
+        raise ValueError(f"window must satisfy 0 <= start < stop <= 1 (t = 0 noise, t = 1 data), "
+                         f"got ({start:g}, {stop:g})")
+    return start, stop
+
+
 def check_path(path: Any) -> AffinePath | None:
     """Validate a guidance's ``path=``: ``None``, a name (``"linear"``, ``"cosine"``, ...) or an affine path."""
     if path is None or isinstance(path, AffinePath):
@@ -98,6 +131,20 @@ class AbstractGuidance(ABC):
     fixed_step_only: bool = False
     #: a solve is stopped when ``max |x|`` exceeds this factor times its starting scale
     max_growth: float = 1e3
+    #: where the method acts: ``start <= t < stop`` (``stop = 1`` includes ``t = 1``); ``window=`` of a constructor
+    window: tuple[float, float] = FULL_WINDOW
+
+    def acts_at(self, t: Tensor | float) -> bool:
+        """Whether the method acts at time ``t`` (a float, or a batch of times (b,) with one common value)."""
+        start, stop = self.window
+        if start <= 0.0 and stop >= 1.0:  # the whole of [0, 1]: no need to read t (no device synchronisation)
+            return True
+        if torch.is_tensor(t):
+            if t.numel() == 0:
+                return True  # an empty batch: the method itself reports it
+            t = t.reshape(-1)[0]
+        s = float(t)
+        return start <= s and (s < stop or stop >= 1.0)
 
     def check(self, v: Field | None = None, *, solver: Any = None) -> None:
         """Refuse, before integrating, a solver this method is not valid for (``sample`` calls it once)."""
@@ -115,6 +162,15 @@ class AbstractGuidance(ABC):
 
     def velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *, generator: torch.Generator | None = None,
                  cost: Cost | None = None) -> Tensor:
+        """The velocity the loop integrates at a solver stage: :meth:`guided_velocity` inside the window, the base
+        field ``v(x, t)`` outside it."""
+        if not self.acts_at(t):
+            return v(x, t)
+        return self.guided_velocity(v, x, t, dt, generator=generator, cost=cost)
+
+    def guided_velocity(self, v: Field, x: Tensor, t: Tensor, dt: Tensor, *,
+                        generator: torch.Generator | None = None, cost: Cost | None = None) -> Tensor:
+        """The method's velocity at a stage inside its window (this base: ``v(x, t)`` unchanged)."""
         return v(x, t)
 
     def after_step(self, v: Field, x: Tensor, t_next: Tensor, *, t: Tensor,

@@ -1,19 +1,19 @@
-"""The small regression loop shared by reflow (flow matching on fixed pairs) and distillation.
+"""Fits on fixed pairs, shared by reflow (flow matching on fixed pairs) and distillation, run by
+:func:`steerflow.training.train`.
 
 Both straightening steps train on a *fixed* finite set of pairs ``(x_0, x_1)``, so they need neither a
 data loader nor a coupling: a minibatch is a random index set into the pair tensors. The loss is
-supplied as ``loss_fn(model, x_0, x_1, generator) -> scalar``.
+supplied as ``loss_fn(model, x_0, x_1, generator) -> scalar`` (a CPU generator of the fit's own).
 
 With :class:`FitCheckpoints` a fit writes ``log.jsonl`` and checkpoints into a training directory (the layout
 of :mod:`steerflow.training.checkpoint`) and resumes from them bit for bit: a checkpoint holds the weights, the
-Adam and learning-rate-schedule state, the generator, the loss trace, the fit's pairs and the memory of a loss
-that keeps state between steps.
+optimiser state, the training generators and the caller's, the loss trace, the fit's pairs and the memory of a
+loss that keeps state between steps.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..training import AbstractRunStore, train
 from ..training.checkpoint import (LATEST, LOG, cut_log, earlier_run, load_extra, load_state, read_config,
                                    remove_stale, resolve_checkpoint, save_checkpoint)
+from ..training.pairs import Batch, seed_from
 
 
 @dataclass(frozen=True)
@@ -152,36 +154,42 @@ class FitCheckpoints:
         return load_extra(self.path, names=("losses",))["losses"]
 
 
-def _as_json(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()}
+class _PairLoss:
+    """``loss_fn(model, x_0, x_1, generator)`` as a training loss on a :class:`Batch` of pairs, with a CPU
+    generator of its own (the loss may draw CPU tensors from it, e.g. data batches) and the loss's ``memory``."""
+
+    def __init__(self, loss_fn: LossFn, seed: int) -> None:
+        self.loss_fn = loss_fn
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + 0x1055) % 2**63)
+        self.memory = getattr(loss_fn, "memory", None)
+
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        return self.loss_fn(model, batch.x_0, batch.x_1, self.generator)
 
 
-def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, steps: int, batch_size: int,
-              lr: float, generator: torch.Generator, cosine: bool = True, grad_clip: float | None = 1.0,
-              progress: bool = False, what: str = "fit", checkpoints: FitCheckpoints | None = None) -> FitResult:
-    """Minimise ``loss_fn`` over minibatches of the fixed pairs ``x_0, x_1`` (n, *d) with Adam.
+class _FitStore(AbstractRunStore):
+    """Fit number ``ck.phase`` of a :class:`FitCheckpoints` run as :func:`~steerflow.training.train`'s store:
+    steps numbered from ``ck.offset``, checkpoints holding the fit's place, pairs, the loss's generator and
+    memory and the caller's ``generator`` beside the training state."""
 
-    ``cosine`` anneals the learning rate to 0 (a fixed pair set is a finite regression problem; the
-    annealing removes the minibatch noise floor at the end). A non-finite loss stops with the step number.
+    def __init__(self, ck: FitCheckpoints, steps: int, x_0: Tensor, x_1: Tensor, loss: _PairLoss,
+                 generator: torch.Generator, seed: int) -> None:
+        self.ck, self.steps, self.x_0, self.x_1, self.loss, self.generator = ck, steps, x_0, x_1, loss, generator
+        self.seed = seed
+        self.log_file = ck.path / LOG
+        self.writes = True
 
-    ``checkpoints`` (a :class:`FitCheckpoints`) writes a log and checkpoints and resumes from them: resumed
-    inside this fit, the weights, optimiser, schedule, ``generator`` and the loss's memory are restored (the
-    caller passes the pairs of :meth:`FitCheckpoints.stored_pairs`); resumed at its end, the weights and the
-    ``generator`` are restored and no step is taken. A loss that keeps state between steps exposes it as a list
-    of tensors ``loss_fn.memory``, changed in place; it is checkpointed with the rest.
-    """
-    check_fit_args(steps, batch_size, lr)
-    if x_0.shape != x_1.shape:
-        raise ValueError(f"x_0 and x_1 must have the same shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
-    n = x_0.shape[0]
-    device = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cosine else None
-    memory = getattr(loss_fn, "memory", None)
-    ck = checkpoints
-    start, earlier, losses = 0, torch.zeros(0, dtype=torch.float64), []
-    log_file = None
-    if ck is not None:
+    def number(self, done: int) -> int:
+        return self.ck.offset + done
+
+    def is_log(self, done: int) -> bool:
+        return self.number(done) % self.ck.log_every == 0
+
+    def is_checkpoint(self, done: int) -> bool:
+        return done == self.steps or bool(self.ck.every and self.number(done) % self.ck.every == 0)
+
+    def begin(self, run: Any) -> tuple[int, Tensor]:
+        ck, steps = self.ck, self.steps
         point = ck.resume_point()
         if point is not None and point.phase > ck.phase:
             raise ValueError(f"the checkpoint in {ck.path} lies in a later fit ({point.phase}) than this one "
@@ -191,83 +199,84 @@ def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, st
             raise FileExistsError(f"{ck.path} already holds the {found} of an earlier run; resume it, or use a new "
                                   "directory")
         remove_stale(ck.path)
+        start = 0
         if point is not None and point.phase == ck.phase:
             if point.phase_steps != steps:
                 raise ValueError(f"cannot resume {ck.path}: its fit {ck.phase} has {point.phase_steps} steps, "
                                  f"this one {steps}")
             done = point.phase_step >= steps
-            _, extra = load_state(ck.path, model, optimizer=None if done else opt)
-            generator.set_state(extra["rng"])
+            _, extra = load_state(ck.path, run.net, optimizer=None if done else run.optimizer)
+            self.generator.set_state(extra["rng"])
             if not done:
-                if sched is not None:
-                    sched.load_state_dict(extra["scheduler"])
-                if memory is not None:
-                    memory[:] = [extra[f"memory.{i}"] for i in range(int(extra["memory_len"]))]
+                run.gens.set_states([extra[f"rng.train.{i}"] for i in range(int(extra["rng_train_len"]))])
+                self.loss.generator.set_state(extra["rng.loss"])
+                if self.loss.memory is not None:
+                    self.loss.memory[:] = [extra[f"memory.{i}"] for i in range(int(extra["memory_len"]))]
             trace = extra["losses"]
             start = point.phase_step
             cut_log(ck.path / LOG, point.step)
         elif ck.offset > 0:  # a fresh fit after earlier ones: their losses are in the last checkpoint
             trace = ck._trace()
         else:
-            trace = torch.zeros(0, dtype=torch.float64)
+            trace = torch.zeros(0)
             if ck.resume:
                 cut_log(ck.path / LOG, 0)
         if trace.shape[0] < ck.offset + start:
             raise ValueError(f"the checkpoint in {ck.path} holds {trace.shape[0]} losses, expected "
                              f"{ck.offset + start}")
-        earlier = trace[:ck.offset].to(torch.float64)
-        losses = [float(v) for v in trace[ck.offset:ck.offset + start]]
         ck.path.mkdir(parents=True, exist_ok=True)
-        log_file = open(ck.path / LOG, "a")
+        return start, trace[:ck.offset + start].float()
 
-    def checkpoint(done: int) -> None:
+    def save(self, run: Any, done: int, losses: Tensor) -> None:
+        states = run.gens.states(run.stream.resume_states())
+        memory = self.loss.memory
         extra: dict[str, Any] = {
-            "fit": {"phase": ck.phase, "phase_step": done, "phase_steps": steps},
-            "scheduler": None if sched is None else _as_json(sched.state_dict()),
-            "losses": torch.cat([earlier, torch.tensor(losses, dtype=torch.float64)]),
-            "rng": generator.get_state(), "pairs.x_0": x_0, "pairs.x_1": x_1,
+            "fit": {"phase": self.ck.phase, "phase_step": done, "phase_steps": self.steps, "seed": self.seed},
+            "losses": losses, "rng": self.generator.get_state(), "rng.loss": self.loss.generator.get_state(),
+            "rng_train_len": len(states), "pairs.x_0": self.x_0, "pairs.x_1": self.x_1,
             "memory_len": 0 if memory is None else len(memory)}
+        extra.update({f"rng.train.{i}": st for i, st in enumerate(states)})
         extra.update({f"memory.{i}": m for i, m in enumerate(memory or [])})
-        save_checkpoint(ck.path, model, optimizer=opt, config=ck.config, step=ck.offset + done, extra=extra,
-                        keep=ck.keep)
+        save_checkpoint(self.ck.path, run.net, optimizer=run.optimizer, config=self.ck.config,
+                        step=self.number(done), extra=extra, keep=self.ck.keep)
 
-    model.train()
-    it = range(start, steps)
-    if progress:
-        from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=what, unit="step", leave=False, total=steps, initial=start)
-    t0 = t_log = time.perf_counter()
-    logged = len(losses)  # losses[logged:] are the steps since the last log line
-    try:
-        for step in it:
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-            loss = loss_fn(model, x_0[idx].to(device), x_1[idx].to(device), generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{what}: non-finite loss at step {step + 1}/{steps}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            lr_t = opt.param_groups[0]["lr"]
-            if sched is not None:
-                sched.step()
-            losses.append(float(loss.detach()))
-            if ck is None:
-                continue
-            done, g = step + 1, ck.offset + step + 1
-            is_ckpt = done == steps or bool(ck.every and g % ck.every == 0)
-            if is_ckpt or g % ck.log_every == 0:
-                now, window = time.perf_counter(), losses[logged:]
-                log_file.write(json.dumps({"step": g, "loss": sum(window) / len(window), "lr": lr_t,
-                                           "it_s": len(window) / max(now - t_log, 1e-9), "time": now - t0}) + "\n")
-                log_file.flush()
-                logged, t_log = len(losses), now
-            if is_ckpt:
-                checkpoint(done)
-    finally:
-        if log_file is not None:
-            log_file.close()
+def _stored_seed(ck: FitCheckpoints) -> int | None:
+    """The training seed of the fit a resumed run continues inside (None: a fresh fit)."""
+    point = ck.resume_point()
+    if point is None or point.phase != ck.phase:
+        return None
+    fit = json.loads((resolve_checkpoint(ck.path) / "state.json").read_text())["extra"]["fit"]
+    return int(fit["seed"])
+
+
+def fit_pairs(model: nn.Module, x_0: Tensor, x_1: Tensor, loss_fn: LossFn, *, steps: int, batch_size: int,
+              lr: float, generator: torch.Generator, cosine: bool = True, grad_clip: float | None = 1.0,
+              progress: bool = False, what: str = "fit", checkpoints: FitCheckpoints | None = None) -> FitResult:
+    """Minimise ``loss_fn`` over minibatches of ``min(batch_size, n)`` of the fixed pairs ``x_0, x_1`` (n, *d)
+    with :func:`~steerflow.training.train` (Adam, no weight decay, gradient norm clipped to ``grad_clip``).
+
+    ``cosine`` anneals the learning rate to 0 (a fixed pair set is a finite regression problem; the
+    annealing removes the minibatch noise floor at the end). A non-finite loss stops with the step number.
+    The fit's seed is one draw from ``generator``; ``loss_fn`` gets a CPU generator of the fit's own.
+
+    ``checkpoints`` (a :class:`FitCheckpoints`) writes a log and checkpoints and resumes from them: resumed
+    inside this fit, the weights, optimiser, the generators and the loss's memory are restored (the caller
+    passes the pairs of :meth:`FitCheckpoints.stored_pairs`); resumed at its end, the weights and the
+    ``generator`` are restored and no step is taken. A loss that keeps state between steps exposes it as a list
+    of tensors ``loss_fn.memory``, changed in place; it is checkpointed with the rest.
+    """
+    check_fit_args(steps, batch_size, lr)
+    if x_0.shape != x_1.shape:
+        raise ValueError(f"x_0 and x_1 must have the same shape, got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
+    seed = _stored_seed(checkpoints) if checkpoints is not None else None
+    seed = seed_from(generator) if seed is None else seed
+    loss = _PairLoss(loss_fn, seed)
+    store = None if checkpoints is None else _FitStore(checkpoints, steps, x_0, x_1, loss, generator, seed)
+    res = train(model, (x_0, x_1), loss=loss, steps=steps, batch_size=min(batch_size, x_0.shape[0]), lr=lr,
+                lr_schedule="cosine" if cosine else "constant", grad_clip=grad_clip, seed=seed,
+                device=next(model.parameters()).device, distributed=False, progress=what if progress else False,
+                checkpoints=store)
     model.eval()
-    return FitResult(losses=tuple(losses), steps=steps, seconds=time.perf_counter() - t0)
+    offset = checkpoints.offset if checkpoints is not None else 0
+    return FitResult(losses=tuple(float(v) for v in res.losses[offset:]), steps=steps, seconds=res.seconds)

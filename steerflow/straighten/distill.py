@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..models.onestep import OneStep, one_step  # (defined with the models, so they save and load as one)
+from ..training.pairs import as_sampler
 from ._fit import FitCheckpoints, FitResult, check_fit_args, fit_pairs
 from .matching import GENERATED_PER_DATA, get_matching_loss, sliced_w2_loss
 from .reflow import Pairs, _model_device_dtype, as_source, generate_pairs
@@ -60,22 +62,6 @@ class DistillResult:
         return OneStep(self.model)
 
 
-class OneStep(nn.Module):
-    """The one-step generator ``T(x_0) = x_0 + v(x_0, 0)`` of a distilled velocity network ``v``."""
-
-    def __init__(self, v: nn.Module) -> None:
-        super().__init__()
-        self.v = v
-
-    def forward(self, x_0: Tensor) -> Tensor:
-        return one_step(self.v, x_0)
-
-
-def one_step(v: Callable[..., Tensor], x_0: Tensor) -> Tensor:
-    """``x_0 + v(x_0, 0)`` (b, *d): one Euler step of size 1 from ``t = 0``."""
-    return x_0 + v(x_0, torch.zeros(x_0.shape[0], dtype=x_0.dtype, device=x_0.device))
-
-
 def one_step_loss(model: nn.Module, x_0: Tensor, x_1: Tensor, generator: torch.Generator) -> Tensor:
     """``|| x_0 + v_θ(x_0, 0) - x_1 ||²`` averaged over batch and dimensions."""
     return ((one_step(model, x_0) - x_1) ** 2).mean()
@@ -85,39 +71,19 @@ DataSampler = Callable[[int, torch.Generator], Tensor]
 
 
 def as_data_sampler(data: Any) -> DataSampler:
-    """``data`` as a sampler ``(n, generator) -> y`` (n, *d) of i.i.d. data points.
+    """``data`` as a sampler ``(n, generator) -> y`` (n, *d) of i.i.d. data points
+    (:func:`steerflow.training.as_sampler`, the library's one adapter).
 
-    Accepts a tensor (N, *d) (rows drawn uniformly with replacement), a callable ``data(n, generator)``,
-    or an object with ``.sample(n, generator)`` (e.g. :func:`steerflow.data.load_dataset`'s datasets;
-    labels, if returned, are dropped).
+    Accepts a tensor (N, *d) with N >= 2 (rows drawn uniformly with replacement), a callable
+    ``data(n, generator)``, or an object with ``.sample(n, generator)`` (e.g.
+    :func:`steerflow.data.load_dataset`'s datasets; labels, if returned, are dropped).
     """
-    if torch.is_tensor(data):
-        if data.ndim < 1 or data.shape[0] < 2:
-            raise ValueError(f"data must be a tensor (N, *d) with N >= 2, got shape {tuple(data.shape)}")
-        table = data.detach()
-
-        def draw(n: int, generator: torch.Generator) -> Tensor:
-            return table[torch.randint(0, table.shape[0], (n,), generator=generator).to(table.device)]
-
-        return draw
-    if hasattr(data, "sample") and callable(data.sample):
-        def draw_from(n: int, generator: torch.Generator) -> Tensor:
-            out = data.sample(n, generator)
-            return out[0] if isinstance(out, (tuple, list)) else out
-
-        return draw_from
-    if callable(data):
-        def draw_called(n: int, generator: torch.Generator) -> Tensor:
-            out = data(n, generator)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            if not torch.is_tensor(out):
-                raise TypeError(f"data(n, generator) must return a tensor (n, *d) or (x, labels), got "
-                                f"{type(out).__name__}")
-            return out
-
-        return draw_called
-    raise TypeError(f"data must be a tensor (N, *d), a callable (n, generator) -> tensor or an object with "
-                    f".sample(n, generator); got {type(data).__name__}")
+    if torch.is_tensor(data) and (data.ndim < 1 or data.shape[0] < 2):
+        raise ValueError(f"data must be a tensor (N, *d) with N >= 2, got shape {tuple(data.shape)}")
+    if not (torch.is_tensor(data) or callable(getattr(data, "sample", None)) or callable(data)):
+        raise TypeError(f"data must be a tensor (N, *d), a callable (n, generator) -> tensor or an object with "
+                        f".sample(n, generator); got {type(data).__name__}")
+    return as_sampler(data)
 
 
 def matched_one_step_loss(match: str, data: Any, *, match_weight: float = 1.0, regression_weight: float = 1.0,
@@ -284,7 +250,7 @@ def distill(v_or_model: Callable[..., Tensor] | None = None, *, pairs: Pairs | N
             pairs = Pairs(x_0, x_0)
         else:
             pairs = generate_pairs(v_or_model, source, n_pairs, steps=steps, method=method, generator=generator,
-                                   shape=shape)
+                                   shape=shape, progress=progress)
     elif not isinstance(pairs, Pairs):
         raise TypeError(f"pairs must be a Pairs, got {type(pairs).__name__}")
     per = GENERATED_PER_DATA[match] * match_memory if match is not None else 1

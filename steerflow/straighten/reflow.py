@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..paths import AffinePath, get_path
 from ..solvers import sample
 from ..training.loss import flow_matching_loss
+from ..training.pairs import as_sampler
 from ._fit import FitCheckpoints, FitResult, check_fit_args, fit_pairs
 
 __all__ = ["Pairs", "ReflowResult", "as_source", "generate_pairs", "pairs_flow_loss", "fit_flow", "reflow"]
@@ -89,28 +90,15 @@ class ReflowResult:
 
 
 def as_source(source: Any, shape: tuple[int, ...] | None = None) -> Source:
-    """Turn ``source`` into a sampler ``(n, generator) -> (n, *d)``.
+    """Turn ``source`` into a sampler ``(n, generator) -> (n, *d)``
+    (:func:`steerflow.training.as_sampler`, the library's one adapter).
 
     Accepts a callable ``(n, generator)``, an object with ``.sample(n, generator)`` (a
-    :class:`~steerflow.data.GaussianMixture`, a dataset), ``"normal"``/``"gaussian"`` (needs ``shape``),
-    or the name of a toy density from :mod:`steerflow.data` (e.g. ``"8gaussians"``).
+    :class:`~steerflow.data.GaussianMixture`, a dataset), a tensor (rows drawn with replacement),
+    ``"normal"``/``"gaussian"`` (needs ``shape``), or the name of a toy density from :mod:`steerflow.data`
+    (e.g. ``"8gaussians"``).
     """
-    if isinstance(source, str):
-        name = source.lower()
-        if name in ("normal", "gaussian", "standard_normal", "noise"):
-            if shape is None:
-                raise ValueError("source 'normal' needs the sample shape (shape=(d,) or (c, h, w))")
-            shape_ = tuple(int(s) for s in shape)
-            return lambda n, generator=None: torch.randn(n, *shape_, generator=generator)
-        from ..data import sample_toy  # the toy registry validates the name
-
-        return lambda n, generator=None: sample_toy(source, n, generator=generator)
-    if hasattr(source, "sample") and callable(source.sample):
-        return lambda n, generator=None: source.sample(n, generator=generator)
-    if callable(source):
-        return source
-    raise TypeError(f"source must be a name, a callable (n, generator) or have .sample(n, generator); "
-                    f"got {type(source).__name__}")
+    return as_sampler(source, shape, labels=True)
 
 
 def _model_device_dtype(v: Any) -> tuple[torch.device, torch.dtype | None]:
@@ -126,7 +114,7 @@ def _model_device_dtype(v: Any) -> tuple[torch.device, torch.dtype | None]:
 def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps: int | None = None,
                    method: str = "dopri5", ts: Tensor | None = None, batch_size: int = 4096,
                    generator: torch.Generator | None = None, shape: tuple[int, ...] | None = None,
-                   x_0: Tensor | None = None, cond: Any = None) -> Pairs:
+                   x_0: Tensor | None = None, cond: Any = None, progress: bool = False) -> Pairs:
     """Draw ``x_0 ~ π_0`` and solve ``dx/dt = v(x, t)`` from ``t = 0`` to ``1``: the pairs ``(x_0, ODE_v(x_0))``.
 
     Args:
@@ -138,6 +126,7 @@ def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps
         batch_size: solve this many points at a time (bounds memory).
         generator: randomness of ``x_0``; a seed gives the same pairs every time.
         x_0: explicit source points (n, *d) instead of sampling.
+        progress: show a progress bar over the batches solved.
 
     Returns:
         :class:`Pairs` with ``x_0``, ``x_1`` of shape (n, *d) on the CPU.
@@ -158,7 +147,12 @@ def generate_pairs(v: Callable[..., Tensor], source: Any, n_pairs: int, *, steps
         v.eval()
     try:
         out = []
-        for i in range(0, n_pairs, batch_size):
+        starts = range(0, n_pairs, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="pairs", unit="batch", leave=False)
+        for i in starts:
             xb = x_0[i:i + batch_size].to(device)
             out.append(sample(v, xb, steps=steps, ts=ts, method=method, generator=generator, cond=cond).cpu())
     finally:
@@ -242,7 +236,8 @@ def reflow(v_or_model: Callable[..., Tensor], *, source: Any, n_pairs: int = 200
             continue
         stored = ck.stored_pairs() if ck is not None else None
         pairs = (Pairs(*stored) if stored is not None else
-                 generate_pairs(teacher, source, n_pairs, steps=steps, method=method, generator=generator, shape=shape))
+                 generate_pairs(teacher, source, n_pairs, steps=steps, method=method, generator=generator, shape=shape,
+                                progress=progress))
         fits.append(fit_flow(model, pairs, steps=train_steps, batch_size=batch_size, lr=lr, path=path,
                              generator=generator, cosine=cosine, progress=progress, checkpoints=ck))
         teacher = copy.deepcopy(model).eval()

@@ -3,7 +3,7 @@
 Layout of a training directory ``out_dir``::
 
     out_dir/latest.json             {"step": k, "checkpoint": "step-0000000k"}   (written last)
-    out_dir/step-0000000k/config.json          model name + config, training config, step
+    out_dir/step-0000000k/config.json          model class + config, training config, step
     out_dir/step-0000000k/model.safetensors    model weights
     out_dir/step-0000000k/ema.safetensors      EMA weights (when an EMA is kept)
     out_dir/step-0000000k/state.safetensors    optimiser tensors, RNG states, loss trace, extra tensors
@@ -14,6 +14,12 @@ is replaced atomically (temp file + ``os.replace``): a crash at any moment leave
 checkpoint intact and ``latest.json`` pointing at a complete one. What a killed write leaves behind
 (``.tmp-step-*`` folders, ``.latest.json.*.tmp`` files, a ``.old-step-*`` folder moved aside) is removed
 by :func:`remove_stale`, which a run calls before it writes into ``out_dir``.
+
+``config.json["model"]`` is ``{"name": <class>, "config": {...}}``, the spec of
+:mod:`steerflow.models.pretrained` (child models nested as ``{"class", "config"}``), so
+:func:`steerflow.models.from_pretrained` and :func:`load_checkpoint` rebuild any registered model from a checkpoint,
+wrappers such as ``TangentVelocity`` included; weights are stored as the model's ``pretrained_state_dict``
+(a wrapped external network's keys unprefixed).
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import build_model, model_name, unwrap_model
+from ..manifolds import velocity as _tangent  # noqa: F401  (registers TangentVelocity for the readers below)
+from ..models import unwrap_model
+from ..models.pretrained import (build_from_spec, load_checked, load_saved_state, read_model_config,
+                                 spec_or_none, state_for_saving, stored_dtype)
 
 FORMAT = "steerflow.checkpoint"
 VERSION = 1
@@ -111,8 +120,9 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
 
     Args:
         out_dir: training directory (created if needed).
-        model: the network (DDP / compiled wrappers are unwrapped). Its ``name``/``config`` (see
-            :func:`steerflow.models.build_model`) are stored so :func:`load_checkpoint` can rebuild it.
+        model: the network (DDP / compiled wrappers are unwrapped). Its class and config (see
+            :func:`steerflow.models.model_spec`) are stored so :func:`load_checkpoint` can rebuild it; a model
+            that cannot be stored so gets ``{"name": null, "config": null}`` (load it with :func:`load_state`).
         ema: an :class:`~steerflow.training.EMA` or an ``nn.Module`` holding averaged weights.
         optimizer: its tensors go to ``state.safetensors``, its structure and scalars to ``state.json``.
         config: the training configuration (JSON-serialisable dict).
@@ -134,8 +144,8 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = unwrap_model(model)
-    name = model_name(net)
-    model_config = getattr(net, "config", None) if name is not None else None
+    spec = spec_or_none(net)
+    name, model_config = (spec["class"], spec["config"]) if spec is not None else (None, None)
     extra = dict(extra or {})
     extra_tensors = {f"extra.{k}": v for k, v in extra.items() if torch.is_tensor(v)}
     extra_json = {k: v for k, v in extra.items() if not torch.is_tensor(v)}
@@ -144,10 +154,10 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     files: dict[str, str] = {"model": "model.safetensors"}
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-step-"))
     try:
-        _save_tensors(net.state_dict(), tmp / "model.safetensors")
+        _save_tensors(state_for_saving(net), tmp / "model.safetensors")
         if ema is not None:
             ema_module = ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema
-            _save_tensors(unwrap_model(ema_module).state_dict(), tmp / "ema.safetensors")
+            _save_tensors(state_for_saving(ema_module), tmp / "ema.safetensors")
             files["ema"] = "ema.safetensors"
         state_tensors = dict(extra_tensors)
         state_json: dict[str, Any] = {"extra": extra_json}
@@ -306,21 +316,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_weights(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
     """``module.load_state_dict(tensors)`` after checking names and shapes, with errors that name them."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch at " + ", ".join(
-                f"{k}: stored {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in shapes[:8]))
-        if missing:
-            parts.append(f"missing keys {missing[:8]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}")
-        raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
-    module.load_state_dict(tensors)
+    load_checked(module, tensors, what)
 
 
 def _config_diff(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -332,13 +328,16 @@ def _config_diff(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu", model_name: str | None = None,
                     expect_config: dict[str, Any] | None = None) -> Checkpoint:
-    """Rebuild the model (and EMA model) stored at ``path`` and load their weights.
+    """Rebuild the model (and EMA model) stored at ``path`` and load their weights, in eval mode.
+
+    The model is rebuilt from the spec in ``config.json`` (wrappers such as ``TangentVelocity`` included; for a
+    ``steerflow train --manifold`` checkpoint from before the spec was stored there, from its ``run.json``) and
+    takes the dtype its weights were saved in. :func:`steerflow.models.from_pretrained` reads the same folders.
 
     Args:
         path: a checkpoint directory ``.../step-k`` or a training directory (its ``latest.json``).
         device: where the tensors are loaded.
-        model_name: if given, the stored model name must equal it (``ValueError`` otherwise); needed for
-            checkpoints whose model was not a registered one.
+        model_name: if given, the stored model class must equal it (``ValueError`` otherwise).
         expect_config: if given, every key must equal the stored model config; the differing keys are
             named in the ``ValueError``.
 
@@ -349,11 +348,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     """
     ckpt = resolve_checkpoint(path)
     meta = read_config(ckpt)
-    stored = meta.get("model") or {}
-    name, mconfig = stored.get("name"), stored.get("config")
+    _, spec, _ = read_model_config(ckpt)  # the stored spec (or, for older manifold runs, the one in run.json)
+    name, mconfig = (spec["class"], spec["config"]) if spec is not None else (None, None)
     if model_name is not None and name is not None and model_name != name:
         raise ValueError(f"checkpoint {ckpt} holds model {name!r}, expected {model_name!r}")
-    name = name if name is not None else model_name
     if name is None or mconfig is None:
         raise ValueError(f"checkpoint {ckpt} stores no registered model name/config; load its weights with "
                          "steerflow.training.load_state(path) into a model you construct")
@@ -362,14 +360,18 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         if diff:
             raise ValueError(f"checkpoint {ckpt} model config differs at keys {diff}: stored "
                              f"{ {k: mconfig.get(k) for k in diff} } vs expected { {k: expect_config[k] for k in diff} }")
-    model = build_model(name, **mconfig)
-    load_weights(model, _read_tensors(ckpt / meta["files"]["model"]), f"weights {ckpt / meta['files']['model']}")
-    model.to(device).eval()
-    ema_model = None
-    if "ema" in meta["files"]:
-        ema_model = build_model(name, **mconfig)
-        load_weights(ema_model, _read_tensors(ckpt / meta["files"]["ema"]), f"EMA weights {ckpt / meta['files']['ema']}")
-        ema_model.to(device).eval()
+
+    def rebuild(file: str, what: str) -> nn.Module:
+        net = build_from_spec({"class": name, "config": mconfig}, str(ckpt / "config.json"))
+        tensors = _read_tensors(ckpt / file)
+        dtype = stored_dtype(tensors)
+        if dtype is not None:  # the model takes the dtype it was saved in
+            net.to(dtype)
+        load_saved_state(net, tensors, f"{what} {ckpt / file}")
+        return net.to(device).eval()
+
+    model = rebuild(meta["files"]["model"], "weights")
+    ema_model = rebuild(meta["files"]["ema"], "EMA weights") if "ema" in meta["files"] else None
     extra = load_extra(ckpt)
     return Checkpoint(model=model, ema_model=ema_model, config=meta, step=int(meta["step"]), path=ckpt, extra=extra)
 
@@ -399,13 +401,14 @@ def load_state(path: str | os.PathLike, model: nn.Module, *, ema: Any = None,
     meta = read_config(ckpt)
     net = unwrap_model(model)
     device = next(iter(net.parameters()), torch.empty(0)).device
-    load_weights(net, _read_tensors(ckpt / meta["files"]["model"], device), f"weights {ckpt / meta['files']['model']}")
+    load_saved_state(net, _read_tensors(ckpt / meta["files"]["model"], device),
+                     f"weights {ckpt / meta['files']['model']}")
     if ema is not None:
         if "ema" not in meta["files"]:
             raise ValueError(f"checkpoint {ckpt} holds no EMA weights, but an EMA was given")
         ema_module = ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema
-        load_weights(ema_module, _read_tensors(ckpt / meta["files"]["ema"], device),
-                     f"EMA weights {ckpt / meta['files']['ema']}")
+        load_saved_state(ema_module, _read_tensors(ckpt / meta["files"]["ema"], device),
+                         f"EMA weights {ckpt / meta['files']['ema']}")
     state = _read_json(ckpt / "state.json")
     tensors = _read_tensors(ckpt / "state.safetensors", "cpu")
     if optimizer is not None:

@@ -109,18 +109,67 @@ def get_time_sampler(name: str | Callable[..., Tensor]) -> Callable[..., Tensor]
     return TIME_SAMPLERS[name]()
 
 
-def lr_factor(step: int, *, steps: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, *, steps: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
     """Learning-rate multiplier for the update with 0-based index ``step``.
 
     Linear warm-up ``(step + 1) / warmup`` for ``step < warmup``, then ``constant`` (1) or ``cosine``
-    ``½ (1 + cos(π p))`` with ``p = (step − warmup) / (steps − warmup)`` (Loshchilov & Hutter 2017).
+    ``f + (1 − f) · ½ (1 + cos(π p))`` with ``p = (step − warmup) / (steps − warmup)`` and the floor
+    ``f = floor`` (Loshchilov & Hutter 2017; ``f = 0`` decays to 0 at ``steps``).
     """
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     p = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+    return cosine if floor == 0.0 else floor + (1.0 - floor) * cosine
 
 
 LR_SCHEDULES = ("cosine", "constant")
+
+
+class AbstractTrainingLoss:
+    """What :func:`~steerflow.training.train` minimises: ``loss(model, batch, generator) -> 0-dim tensor``.
+
+    ``batch`` is what the data stream drew for the step: a :class:`~steerflow.training.pairs.Batch`
+    ``(x_0, x_1, cond)`` on the training device, or the object a batch callable returned. ``generator`` is
+    the loop's own generator on the training device (for ``t`` and any other per-step randomness); it is
+    checkpointed with the run. Any callable of that signature serves as well; a subclass names the idea.
+    """
+
+    def __call__(self, model: Callable[..., Tensor], batch: Any, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class FlowMatchingLoss(AbstractTrainingLoss):
+    """The conditional flow-matching loss on a batch ``(x_0, x_1, cond)`` with ``t ~ time_sampler``.
+
+    ``reduction="mean"`` is :func:`flow_matching_loss` (the squared error averaged over the ``D`` entries
+    of a state); ``"sum"`` sums over them, ``E_b ||v_θ − u_t||²`` = ``D`` times the mean (the normalisation
+    of Meta Flow Matching's population loss).
+    """
+
+    path: Any = "linear"
+    time_sampler: Any = "uniform"
+    weighting: Callable[[Tensor], Tensor] | None = None
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {self.reduction!r}; expected one of {list(REDUCTIONS)}")
+        path = get_path(self.path) if isinstance(self.path, str) else self.path
+        if not callable(getattr(path, "sample", None)):
+            raise TypeError(f"path must be a name or an object with .sample(x_0, x_1, t), got "
+                            f"{type(self.path).__name__}")
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_sample_t", get_time_sampler(self.time_sampler))
+
+    def __call__(self, model: Callable[..., Tensor], batch: Any, generator: torch.Generator) -> Tensor:
+        x_0, x_1, cond = batch.x_0, batch.x_1, batch.cond
+        t = self._sample_t(x_1.shape[0], generator=generator, device=x_1.device, dtype=x_1.dtype)
+        loss = flow_matching_loss(model, x_0, x_1, t, path=self._path, cond=cond, weighting=self.weighting)
+        return loss if self.reduction == "mean" else loss * x_1[0].numel()

@@ -14,7 +14,7 @@ rectification reaches a c-optimal coupling at its fixed points (Theorem 3.4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from .._types import expand_t
 from ..models.potential import PotentialVelocity
 from ..solvers.sample import sample
+from ..training import train
+from ..training.loss import AbstractTrainingLoss
+from ..training.pairs import Batch, seed_from
 from .costs import AbstractConvexCost, get_cost
 
 
@@ -49,13 +52,31 @@ def c_rectification_loss(model: PotentialVelocity, x_0: Tensor, x_1: Tensor, t: 
     return (cost.conjugate(g) - inner + cost(z)).mean()
 
 
+@dataclass(frozen=True)
+class CRectificationLoss(AbstractTrainingLoss):
+    """:func:`c_rectification_loss` on a batch of pairs with ``t ~ U[0, 1]``, as a training loss."""
+
+    cost: str | AbstractConvexCost = "quadratic"
+
+    def __call__(self, model: Any, batch: Batch, generator: torch.Generator) -> Tensor:
+        x_0 = batch.x_0
+        t = torch.rand(x_0.shape[0], generator=generator, device=x_0.device, dtype=x_0.dtype)
+        return c_rectification_loss(model, x_0, batch.x_1, t, self.cost)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def fit_c_rectified(potential: nn.Module, x_0: Tensor, x_1: Tensor, cost: str | AbstractConvexCost = "quadratic", *,
                     steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
                     generator: torch.Generator | None = None, log: list | None = None) -> PotentialVelocity:
-    """Fit the c-conservative field ``∇c*(∇f)`` to the pairs ``(x_0, x_1)`` (n, *d) with Adam.
+    """Fit the c-conservative field ``∇c*(∇f)`` to the pairs ``(x_0, x_1)`` (n, *d) by :func:`~steerflow.training.train`
+    (Adam, cosine learning rate from ``lr`` down to ``lr / 10``), minibatches of ``min(batch_size, n)`` pairs.
 
     Returns the trained :class:`PotentialVelocity` (in eval mode). ``log`` (a list), when given, receives the
-    loss of every step.
+    loss of every step. ``generator`` seeds the run (one draw; torch's global RNG when None).
     """
     if x_0.shape != x_1.shape or x_0.ndim < 2:
         raise ValueError(f"x_0 and x_1 must be paired batches (n, *d), got {tuple(x_0.shape)} and {tuple(x_1.shape)}")
@@ -63,22 +84,11 @@ def fit_c_rectified(potential: nn.Module, x_0: Tensor, x_1: Tensor, cost: str | 
         raise ValueError(f"steps and batch_size must be positive integers, got {steps!r}, {batch_size!r}")
     cost = get_cost(cost)
     model = c_conservative_velocity(potential, cost)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.1 * lr)
-    n = x_0.shape[0]
-    for i in range(steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        t = torch.rand(idx.shape[0], generator=generator, dtype=x_0.dtype)
-        loss = c_rectification_loss(model, x_0[idx], x_1[idx], t, cost)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite c-rectification loss at step {i}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None:
-            log.append(loss.item())
+    res = train(model, (x_0, x_1), loss=CRectificationLoss(cost), steps=steps, batch_size=min(batch_size, x_0.shape[0]),
+                lr=lr, lr_schedule="cosine", lr_floor=0.1, seed=seed_from(generator), device=_device_of(model),
+                progress=False, distributed=False)
+    if log is not None:
+        log.extend(res.losses.tolist())
     model.eval()
     return model
 

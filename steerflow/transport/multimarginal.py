@@ -8,27 +8,41 @@ of the interpolant (paper eq. 2.8); :func:`transport` moves samples along any si
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..paths.multimarginal import AbstractSimplexPath, ConditionalMeans, MultimarginalInterpolant
+from ..paths.multimarginal import AbstractSimplexPath, ConditionalMeans, MultimarginalInterpolant, MultimarginalSample
 from ..solvers.sample import sample
+from ..training import train
+from ..training.loss import AbstractTrainingLoss
+from ..training.pairs import seed_from
+from ..models.pretrained import PretrainedMixin
 
 
-class ConditionalMeansNet(nn.Module):
+class ConditionalMeansNet(PretrainedMixin, nn.Module):
     """MLP on ``[x, α]`` predicting ``K`` (``K + 1`` with a latent) conditional means of dimension ``dim``.
+
+    Saved as ``conditional_means`` (``save_pretrained`` / ``from_pretrained``; the interpolant is stored by its
+    ``K`` and ``gamma_scale``).
 
     Args:
         dim: state dimension (inputs (b, dim)). interpolant: fixes ``K`` and ``γ``.
         hidden, depth: width and number of hidden layers.
     """
 
+    name = "conditional_means"
+
     def __init__(self, dim: int, interpolant: MultimarginalInterpolant, hidden: int = 128, depth: int = 3) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(interpolant, MultimarginalInterpolant):
+            raise TypeError(f"interpolant must be a MultimarginalInterpolant, got {type(interpolant).__name__}")
+        self._set_config(dim=dim, interpolant={"K": interpolant.K, "gamma_scale": interpolant.a}, hidden=hidden,
+                         depth=depth)
         self.dim, self.interpolant = dim, interpolant
         self.n_out = interpolant.K + (1 if interpolant.latent else 0)
         layers: list[nn.Module] = []
@@ -38,6 +52,14 @@ class ConditionalMeansNet(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, self.n_out * dim))
         self.net = nn.Sequential(*layers)
+
+    @classmethod
+    def from_config(cls, config: dict, **children) -> "ConditionalMeansNet":
+        if children:
+            raise TypeError(f"ConditionalMeansNet takes no {sorted(children)}")
+        config = dict(config)
+        config["interpolant"] = MultimarginalInterpolant(**config["interpolant"])
+        return cls(**config)
 
     def forward(self, alpha: Tensor, x: Tensor) -> Tensor:
         """``g`` (K[+1], b, dim) with ``Σ_k α_k g_k + γ g_z = x`` exactly."""
@@ -51,31 +73,45 @@ class ConditionalMeansNet(nn.Module):
         return h + (w / w.pow(2).sum(-1, keepdim=True)).T[..., None] * residual
 
 
+@dataclass(frozen=True)
+class ConditionalMeansLoss(AbstractTrainingLoss):
+    """:meth:`MultimarginalInterpolant.loss` on a batch that is a draw of the interpolant, as a training loss
+    (the draw is moved to the device of the loop's generator)."""
+
+    interpolant: MultimarginalInterpolant
+
+    def __call__(self, model: ConditionalMeans, batch: MultimarginalSample, generator: torch.Generator) -> Tensor:
+        dev = generator.device
+        batch = replace(batch, x=batch.x.to(dev), alpha=batch.alpha.to(dev), xs=batch.xs.to(dev),
+                        z=None if batch.z is None else batch.z.to(dev))
+        return self.interpolant.loss(model, batch)
+
+
 def train_conditional_means(g: nn.Module, interpolant: MultimarginalInterpolant,
                             marginals: Callable[[int, torch.Generator | None], Tensor], *, steps: int = 2000,
                             batch_size: int = 256, lr: float = 1e-3, edge_fraction: float = 0.5,
                             generator: torch.Generator | None = None, log: list | None = None) -> nn.Module:
-    """Regress ``g`` on ``Σ_k |ĝ_k(α, x(α)) - x_k|² (+ |ĝ_z - z|²)`` (Albergo et al. 2023, eq. 2.8).
+    """Regress ``g`` on ``Σ_k |ĝ_k(α, x(α)) - x_k|² (+ |ĝ_z - z|²)`` (Albergo et al. 2023, eq. 2.8) by
+    :func:`~steerflow.training.train` (Adam at the constant learning rate ``lr``).
 
     Args:
         marginals: ``(n, generator) -> (K, n, d)``: independent draws of every marginal (a coupling across
             marginals may be used instead; the means are then those of the coupled interpolant).
+        generator: seeds the run (one draw; torch's global RNG when None).
+        log: a list that receives the loss of every step.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    opt = torch.optim.Adam(g.parameters(), lr=lr)
-    g.train()
-    for i in range(steps):
-        xs = marginals(batch_size, generator)
-        s = interpolant.sample(xs, generator=generator, edge_fraction=edge_fraction)
-        loss = interpolant.loss(g, s)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite multimarginal loss at step {i}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log.append(loss.item())
+
+    def draw(n: int, gen: torch.Generator) -> MultimarginalSample:
+        return interpolant.sample(marginals(n, gen), generator=gen, edge_fraction=edge_fraction)
+
+    p = next(g.parameters(), None)
+    res = train(g, draw, loss=ConditionalMeansLoss(interpolant), steps=steps, batch_size=batch_size, lr=lr,
+                lr_schedule="constant", seed=seed_from(generator), device=p.device if p is not None else "cpu",
+                progress=False, distributed=False)
+    if log is not None:
+        log.extend(res.losses.tolist())
     g.eval()
     return g
 
@@ -87,4 +123,4 @@ def transport(g: ConditionalMeans, interpolant: MultimarginalInterpolant, x: Ten
     return sample(interpolant.velocity(g, path), x, steps=steps, method=method)
 
 
-__all__ = ["ConditionalMeansNet", "train_conditional_means", "transport"]
+__all__ = ["ConditionalMeansNet", "ConditionalMeansLoss", "train_conditional_means", "transport"]

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .._types import expand_t
+from ..training import train
+from ..training.loss import FlowMatchingLoss
+from ..training.pairs import Batch, seed_from
 
 # Strokes in [-1, 1]²: each glyph is a list of polylines.
 GLYPHS: dict[str, list[list[tuple[float, float]]]] = {
@@ -109,18 +112,16 @@ def make_populations(glyphs: list[str] | tuple[str, ...], per_glyph: int, n: int
                             torch.stack(labels))
 
 
-def train_population_flow(model: nn.Module, sources: Tensor, targets: Tensor, conditions: Tensor | None = None, *,
-                          steps: int = 2000, populations_per_batch: int = 8, points_per_population: int = 64,
-                          lr: float = 1e-3, coupling: str = "independent", generator: torch.Generator | None = None,
-                          log: list | None = None) -> nn.Module:
-    """Flow matching inside each population (Meta Flow Matching, Atanackovic et al. 2024, Alg. 1).
+def population_batches(sources: Tensor, targets: Tensor, conditions: Tensor | None = None, *,
+                       populations_per_batch: int = 8, points_per_population: int = 64,
+                       coupling: str = "independent") -> Callable[[int, torch.Generator], Batch]:
+    """A batch callable for :func:`~steerflow.training.train` drawing pairs inside populations.
 
-    Each step picks ``populations_per_batch`` populations ``i``, draws ``x_0 ∈ P_0^i`` and ``x_1 ∈ P_1^i``
-    independently, pairs them (``coupling``: ``independent`` as drawn, or ``ot``: the exact minibatch OT
-    assignment within the population, Tong et al. 2024), forms ``x_t = t x_1 + (1 - t) x_0`` and regresses
-    ``model(x_t, t, c_i)`` on ``x_1 - x_0``.
-    ``conditions`` (P, ...) gives ``c_i``: the source populations themselves (Meta FM), labels (condition-label
-    FM) or ``None`` (plain FM, ``model(x_t, t)``).
+    Each call picks ``k = min(populations_per_batch, P)`` populations ``i`` without replacement, draws
+    ``m = points_per_population`` points ``x_0 ∈ P_0^i`` and ``x_1 ∈ P_1^i`` independently and pairs them
+    (``coupling``: ``independent`` as drawn, or ``ot``: the exact minibatch OT assignment within the
+    population, Tong et al. 2024). The batch holds ``k·m`` pairs, population by population, with
+    ``cond = conditions[pops]`` (k, ...) or None; the requested size ``n`` is not used.
     """
     if sources.ndim != 3 or targets.shape[:1] != sources.shape[:1] or targets.shape[-1] != sources.shape[-1]:
         raise ValueError(f"sources and targets must be (P, n, d) with the same P and d, got "
@@ -129,11 +130,13 @@ def train_population_flow(model: nn.Module, sources: Tensor, targets: Tensor, co
         raise ValueError(f"conditions must have {sources.shape[0]} rows, got {conditions.shape[0]}")
     if coupling not in ("independent", "ot"):
         raise ValueError(f"unknown coupling {coupling!r}; expected 'independent' or 'ot'")
+    for name, val in (("populations_per_batch", populations_per_batch), ("points_per_population", points_per_population)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
     P, n, d = sources.shape
     m, k = points_per_population, min(populations_per_batch, P)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
+
+    def draw(_: int, generator: torch.Generator) -> Batch:
         pops = torch.randperm(P, generator=generator)[:k]
         i0 = torch.randint(0, n, (k, m), generator=generator)
         i1 = torch.randint(0, targets.shape[1], (k, m), generator=generator)
@@ -141,17 +144,34 @@ def train_population_flow(model: nn.Module, sources: Tensor, targets: Tensor, co
             i1 = _ot_pairing(sources[pops], targets[pops], i0, i1)
         x_0 = torch.gather(sources[pops], 1, i0[..., None].expand(-1, -1, d)).reshape(k * m, d)
         x_1 = torch.gather(targets[pops], 1, i1[..., None].expand(-1, -1, d)).reshape(k * m, d)
-        t = torch.rand(k * m, generator=generator, dtype=x_0.dtype)
-        x_t = x_0 + expand_t(t, x_0) * (x_1 - x_0)
-        v = model(x_t, t) if conditions is None else model(x_t, t, conditions[pops])
-        loss = (v - (x_1 - x_0)).pow(2).sum(-1).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite population flow-matching loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log.append(loss.item())
+        return Batch(x_0, x_1, None if conditions is None else conditions[pops])
+
+    return draw
+
+
+def train_population_flow(model: nn.Module, sources: Tensor, targets: Tensor, conditions: Tensor | None = None, *,
+                          steps: int = 2000, populations_per_batch: int = 8, points_per_population: int = 64,
+                          lr: float = 1e-3, coupling: str = "independent", generator: torch.Generator | None = None,
+                          log: list | None = None) -> nn.Module:
+    """Flow matching inside each population (Meta Flow Matching, Atanackovic et al. 2024, Alg. 1).
+
+    Each step draws pairs inside ``populations_per_batch`` populations (:func:`population_batches`), forms
+    ``x_t = t x_1 + (1 - t) x_0`` and regresses ``model(x_t, t, c_i)`` on ``x_1 - x_0`` with the squared error
+    summed over the state's entries (:class:`~steerflow.training.FlowMatchingLoss` with ``reduction="sum"``),
+    by :func:`~steerflow.training.train` at the constant learning rate ``lr``.
+    ``conditions`` (P, ...) gives ``c_i``: the source populations themselves (Meta FM), labels (condition-label
+    FM) or ``None`` (plain FM, ``model(x_t, t)``). ``generator`` seeds the run (one draw; torch's global RNG
+    when None); ``log`` (a list), when given, receives the loss of every step.
+    """
+    draw = population_batches(sources, targets, conditions, populations_per_batch=populations_per_batch,
+                              points_per_population=points_per_population, coupling=coupling)
+    k = min(populations_per_batch, sources.shape[0])
+    p = next(model.parameters(), None)
+    res = train(model, draw, loss=FlowMatchingLoss("linear", reduction="sum"), steps=steps,
+                batch_size=k * points_per_population, lr=lr, lr_schedule="constant", seed=seed_from(generator),
+                device=p.device if p is not None else "cpu", progress=False, distributed=False)
+    if log is not None:
+        log.extend(res.losses.tolist())
     model.eval()
     return model
 
@@ -180,5 +200,5 @@ def assignment_wasserstein(a: Tensor, b: Tensor, p: float = 2.0) -> Tensor:
     return C[r, c].mean().pow(1 / p)
 
 
-__all__ = ["GLYPHS", "glyph_points", "rotation", "PopulationFamily", "make_populations", "train_population_flow",
-           "assignment_wasserstein"]
+__all__ = ["GLYPHS", "glyph_points", "rotation", "PopulationFamily", "make_populations", "population_batches",
+           "train_population_flow", "assignment_wasserstein"]
