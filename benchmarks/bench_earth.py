@@ -6,27 +6,42 @@ measure of the unit sphere), mean ± std over 5 seeds. Rows:
 
 * **uniform**: ``log 4π = 2.531`` for every point;
 * **vMF KDE**: ``p(x) = 1/N Σ_i C(κ) exp(κ μ_iᵀ x)``, ``C(κ) = κ / (4π sinh κ)``, centres the training
-  points, concentration ``κ`` chosen on the validation split from a log-spaced grid;
-* **Riemannian FM (ours)**: ``steerflow.training.train`` with ``path=GeodesicPath(Sphere(2))``,
-  ``source=Sphere(2).random_base`` (uniform), the network ``TangentVelocity(MLPVelocity(3, ...), S²)``
-  (an MLP on R³ inputs + a sinusoidal time embedding, output projected to the tangent space);
-  trained in chunks (``stop_at``/``resume``), the chunk with the best validation NLL is kept (early
-  stopping); the NLL is ``-manifold_log_likelihood`` (exact Riemannian divergence; RK4 with 64 steps,
-  seed 0 re-checked with dopri5 at 1e-5).
+  points, concentration ``κ`` chosen on the validation split from a log-spaced grid
+  (``VonMisesFisherMixture.fit_kde``);
+* **steerflow RFM**: ``steerflow.training.train`` with ``path=GeodesicPath(Sphere(2))`` and ``source=`` a base
+  with an exact log-density, the network ``TangentVelocity(MLPVelocity(...), S²)`` (an MLP on R³ inputs or
+  on spherical harmonics ``--features L``, plus a sinusoidal time embedding, output projected to the tangent
+  space). ``--base uniform`` is ``Sphere(2).random_base``; ``--base em`` a ``VonMisesFisherMixture`` fitted by
+  EM on the training split, its number of components (``--em-k``) and concentration cap (``--em-kappa-max``)
+  chosen on the validation split; ``--base kde`` the KDE row's density. With ``--zero-init 1`` the last
+  layer starts at zero, so the untrained flow is the identity and step 0 (the base alone) is a candidate.
+  Trained in chunks (``stop_at``/``resume``); the chunk with the best validation NLL is kept (early
+  stopping); the NLL is ``-manifold_log_likelihood(..., base_log_prob=base.log_prob)`` (exact Riemannian
+  divergence; RK4 with 64 steps, seed 0 re-checked with dopri5 at 1e-5).
 * the published Riemannian FM figures (Chen & Lipman 2024) for reference (typed in from the paper,
   marked as such; not measured here).
+
+The budget of a run (``--max-seconds``) is CPU seconds of the one thread (``time.process_time``: base fit,
+training and validation; the budget curve's test evaluations are excluded), so a shared machine does not
+shrink it. Each checkpoint records the validation NLL and (``--curve 1``, default) the test NLL with RK4-32
+against those seconds: the budget curve (``earth_budget{suffix}.png``); the test values are never used for
+selection.
 
 Run: ``python benchmarks/bench_earth.py`` (one thread; all catalogues and seeds in one process, then the
 final files). Options (``--name value``): ``--steps`` (LR schedule length), ``--hidden``, ``--depth``,
 ``--batch``, ``--lr``, ``--warmup`` (linear warm-up steps), ``--chunk`` (steps between validation NLLs),
-``--patience`` (chunks without validation gain before stopping), ``--max-seconds`` (wall-clock safety stop
-per run), ``--datasets`` (comma list), ``--seeds`` (comma list), ``--out-suffix``; flags ``--quick`` (one
-seed, short schedule) and ``--merge``. A run on a subset writes
+``--patience`` (chunks without validation gain before stopping), ``--max-seconds`` (CPU budget per run),
+``--base``, ``--em-k``, ``--em-kappa-max`` (comma lists), ``--features``, ``--coupling`` (a coupling name:
+``independent``, ``exact-ot``, ...), ``--zero-init``, ``--curve``, ``--datasets`` (comma list), ``--seeds``
+(comma list), ``--out-suffix``, ``--ablation`` (comma list of other runs' suffixes shown side by side);
+flags ``--quick`` (one seed, short schedule), ``--merge`` and ``--report`` (rewrite the .md and the budget
+figure from the merged .json). A run on a subset writes
 ``earth_nll{suffix}.part-{dataset}-s{seeds}.json`` (+ ``.pt`` map data); parts may run as parallel
 processes, and ``--merge`` (same ``--out-suffix``) combines them, with one configuration and the same
-seeds for every catalogue, into ``benchmarks/results/earth_nll{suffix}.{json,md}`` and
+seeds for every catalogue, into ``benchmarks/results/earth_nll{suffix}.{json,md}``,
 ``earth_density{suffix}.png`` (seed 0: learned density on a Mollweide map with the test points, and model
-samples). The protocol (splits, test NLL, validation-only model selection) does not depend on the options.
+samples) and ``earth_budget{suffix}.png``. The protocol (splits, test NLL, validation-only model selection)
+does not depend on the options. The commands of the published results are in ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -43,9 +58,10 @@ import torch
 
 from steerflow import sample
 from steerflow.data.earth import latlon_to_xyz, load_earth, random_split, xyz_to_latlon
-from steerflow.manifolds import Sphere, TangentVelocity, manifold_log_likelihood
+from steerflow.manifolds import (Sphere, SphericalHarmonics, TangentVelocity, VonMisesFisherMixture,
+                                 manifold_log_likelihood)
 from steerflow.models import MLPVelocity
-from steerflow.paths.geodesic import GeodesicPath
+from steerflow.paths import GeodesicPath
 from steerflow.training import train
 
 ALL_DATASETS = ("volcano", "earthquake", "flood")
@@ -54,9 +70,10 @@ ALL_DATASETS = ("volcano", "earthquake", "flood")
 def _options(argv) -> dict:
     """``--name value`` pairs from the command line (benchmark script, so no argparse); ``--quick`` and
     ``--merge`` are flags. Unknown names raise ``ValueError`` naming the accepted ones."""
-    flags = {"--quick", "--merge"}
+    flags = {"--quick", "--merge", "--report"}
     known = {"--steps", "--hidden", "--depth", "--chunk", "--lr", "--warmup", "--batch", "--max-seconds",
-             "--patience", "--datasets", "--seeds", "--out-suffix"}
+             "--patience", "--datasets", "--seeds", "--out-suffix", "--base", "--em-k", "--features",
+             "--coupling", "--zero-init", "--curve", "--em-kappa-max", "--ablation"}
     out, i = {}, 0
     while i < len(argv):
         a = argv[i]
@@ -76,6 +93,9 @@ def _options(argv) -> dict:
 _OPT = _options(sys.argv[1:])
 QUICK = bool(_OPT.get("quick", False))
 MERGE = bool(_OPT.get("merge", False))
+REPORT = bool(_OPT.get("report", False))  # rewrite the .md and the budget figure from the merged .json
+# suffixes of other merged runs (e.g. the uniform-base configuration) shown side by side on their seeds
+ABLATION = tuple(a for a in _OPT.get("ablation", "").split(",") if a)
 DATASETS = tuple(_OPT["datasets"].split(",")) if "datasets" in _OPT else ALL_DATASETS
 if not set(DATASETS) <= set(ALL_DATASETS):
     raise ValueError(f"--datasets expects a comma list of {ALL_DATASETS}, got {DATASETS}")
@@ -90,6 +110,17 @@ LR = float(_OPT.get("lr", 2e-3))
 WARMUP = int(_OPT.get("warmup", 100))
 PATIENCE = int(_OPT.get("patience", 3))   # early stop after this many chunks without validation gain
 SUFFIX = _OPT.get("out_suffix", "_quick" if QUICK else "")
+# the flow's source: "uniform" (Sphere(2).random_base), "kde" (the vMF KDE row's density) or "em" (a vMF mixture
+# fitted by EM on the training split, its number of components chosen on validation from --em-k)
+BASE = _OPT.get("base", "uniform")
+if BASE not in ("uniform", "kde", "em"):
+    raise ValueError(f"--base expects uniform, kde or em, got {BASE!r}")
+EM_KS = tuple(int(k) for k in _OPT.get("em_k", "100,300").split(","))
+EM_KAPPA_MAX = tuple(float(k) for k in _OPT.get("em_kappa_max", "1e4").split(","))  # grid, chosen on validation
+FEATURES = int(_OPT.get("features", 0))       # spherical-harmonic degree of the input features (0: raw xyz)
+COUPLING = _OPT.get("coupling", "independent")
+ZERO_INIT = _OPT.get("zero_init", "0") == "1"  # zero last layer: the untrained flow is the identity (step 0 = base)
+CURVE = _OPT.get("curve", "1") == "1"          # test NLL (RK4-32) at every chunk for the budget curve
 ODE = dict(method="rk4", steps=64)                   # test NLL and samples
 ODE_CHECK = dict(method="dopri5", atol=1e-5, rtol=1e-5)  # seed 0: the test NLL again, adaptive
 ODE_VAL = dict(method="rk4", steps=32)               # validation NLL (early stopping) and the density map
@@ -98,7 +129,8 @@ LOG_4PI = math.log(4 * math.pi)
 # ../shared/data/earth; the same files either way, so the splits and the numbers do not depend on it
 EARTH_DIR = Path(os.environ.get("STEERFLOW_EARTH_DATA") or Path(__file__).resolve().parents[2] / "shared/data/earth")
 PUBLISHED = {  # Chen & Lipman (2024), Table 2 / shared data README: typed from the papers, not measured
-    "Riemannian FM (Chen & Lipman 2024)": {"volcano": (-7.93, 1.67), "earthquake": (-0.28, 0.08)},
+    "Riemannian FM (Chen & Lipman 2024)": {"volcano": (-7.93, 1.67), "earthquake": (-0.28, 0.08),
+                                           "flood": (1.42, 0.09)},
     "vMF KDE (published)": {"earthquake": (0.46, 0.45), "flood": (0.70, 0.05)},
 }
 OUT = Path(__file__).parent / "results"
@@ -107,55 +139,90 @@ S2 = Sphere(2)
 
 # --- baselines ------------------------------------------------------------------------------------
 
-def vmf_kde_log_prob(x: torch.Tensor, centres: torch.Tensor, kappa: float) -> torch.Tensor:
-    """``log (1/N Σ_i κ / (4π sinh κ) exp(κ μ_iᵀ x))`` computed as ``logsumexp(κ (μ_iᵀx − 1))`` plus
-    ``log κ − log 2π − log(1 − e^{−2κ}) − log N`` (stable for large κ)."""
-    x, centres = x.double(), centres.double()
-    log_c = math.log(kappa) - math.log(2 * math.pi) - math.log1p(-math.exp(-2 * kappa))
-    return torch.logsumexp(kappa * (x @ centres.T - 1), dim=1) + log_c - math.log(centres.shape[0])
-
-
 def fit_vmf_kde(train_x, val_x):
-    kappas = torch.logspace(0, 4.5, 46).tolist()
-    scores = [float(-vmf_kde_log_prob(val_x, train_x, k).mean()) for k in kappas]
-    best = min(range(len(kappas)), key=scores.__getitem__)
-    return kappas[best]
+    """The vMF KDE on the training split, ``κ`` from 46 log-spaced values in ``[1, 10^4.5]`` by validation NLL."""
+    return VonMisesFisherMixture.fit_kde(train_x, val_x)
 
 
 # --- Riemannian flow matching ---------------------------------------------------------------------
 
-def nll(model, x, batch=2048, ode=ODE) -> float:
+def nll(model, x, batch=2048, ode=ODE, base_log_prob=None) -> float:
     model.eval()
     out = []
     with torch.no_grad():
         for xb in torch.split(x, batch):
-            out.append(-manifold_log_likelihood(model, xb, S2, **ode))
+            out.append(-manifold_log_likelihood(model, xb, S2, base_log_prob=base_log_prob, **ode))
     model.train()
     return float(torch.cat(out).mean())
 
 
-def fit_rfm(train_x, val_x, seed: int, log=print):
+def fit_base(train_x, val_x, seed: int):
+    """The flow's source ``(sample, log_prob, info)`` for ``BASE``; mixture choices use the validation split only."""
+    if BASE == "uniform":
+        return S2.random_base, None, {"base": "uniform"}
+    if BASE == "kde":
+        mix, kappa = VonMisesFisherMixture.fit_kde(train_x, val_x)
+        return mix.sample, mix.log_prob, {"base": "kde", "base_kappa": kappa,
+                                         "base_val_nll": float(-mix.log_prob(val_x.double()).mean())}
+    best = None
+    for k in EM_KS:
+        for kappa_max in EM_KAPPA_MAX:
+            mix = VonMisesFisherMixture.fit_em(train_x, min(k, train_x.shape[0]), iters=100, kappa_max=kappa_max,
+                                               generator=torch.Generator().manual_seed(seed))
+            v = float(-mix.log_prob(val_x.double()).mean())
+            if best is None or v < best[0]:
+                best = (v, k, kappa_max, mix)
+    v, k, kappa_max, mix = best
+    return mix.sample, mix.log_prob, {"base": "em", "base_k": k, "base_kappa_max": kappa_max, "base_val_nll": v,
+                                      "base_components": len(mix)}
+
+
+def fit_rfm(train_x, val_x, seed: int, log=print, test_x=None):
+    """Fit the base, then train the flow in chunks within ``MAX_SECONDS_PER_RUN`` (base fit, training and
+    validation all count); the chunk with the best validation NLL is kept (with a zero-initialised last
+    layer, step 0 is the base itself and a candidate). With ``CURVE`` the test NLL (RK4-32) of each chunk is
+    recorded for the budget curve; it is never used for selection."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    source, base_lp, base_info = fit_base(train_x, val_x, seed)
+    base_seconds = time.process_time() - c0
+    log(f"    base {base_info} ({base_seconds:.1f}s)")
     torch.manual_seed(seed)
-    model = TangentVelocity(MLPVelocity(3, hidden=HIDDEN, depth=DEPTH, time_embed_dim=32), S2)
+    embed = SphericalHarmonics(FEATURES) if FEATURES > 0 else None
+    net = MLPVelocity(3, hidden=HIDDEN, depth=DEPTH, time_embed_dim=32,
+                      in_dim=embed.out_dim if embed is not None else None)
+    if ZERO_INIT:
+        torch.nn.init.zeros_(net.net[-1].weight)
+        torch.nn.init.zeros_(net.net[-1].bias)
+    model = TangentVelocity(net, S2, embed=embed)
     best = (float("inf"), None, 0)
     history = []
-    t0 = time.perf_counter()
+
+    def checkpoint(done, loss):
+        nonlocal best, c0
+        v = nll(model, val_x, ode=ODE_VAL, base_log_prob=base_lp)
+        h = {"step": done, "val_nll": v, "train_loss": loss, "seconds": time.process_time() - c0,
+             "wall_seconds": time.perf_counter() - t0}
+        if CURVE and test_x is not None:  # not part of the budget: the budget curve's test points
+            c1 = time.process_time()
+            h["test_nll_rk4_32"] = nll(model, test_x, ode=ODE_VAL, base_log_prob=base_lp)
+            c0 += time.process_time() - c1
+        history.append(h)
+        log(f"    step {done:5d}  loss {loss:.4f}  val NLL {v:+.3f}  ({h['seconds']:.0f}s)")
+        if v < best[0]:
+            best = (v, copy.deepcopy(model.state_dict()), done)
+
+    if ZERO_INIT:
+        checkpoint(0, float("nan"))
     with tempfile.TemporaryDirectory() as tmp:
         done = 0
         while done < STEPS:
             stop = min(done + CHUNK, STEPS)
-            res = train(model, train_x, source=S2.random_base, path=GeodesicPath(S2), steps=STEPS,
-                        batch_size=BATCH, lr=LR, warmup=WARMUP, schedule="cosine", device="cpu", seed=seed,
+            res = train(model, train_x, source=source, path=GeodesicPath(S2), steps=STEPS, coupling=COUPLING,
+                        batch_size=BATCH, lr=LR, warmup=WARMUP, lr_schedule="cosine", device="cpu", seed=seed,
                         out_dir=tmp, resume=done > 0, stop_at=stop, progress=False, log_every=CHUNK)
             done = res.step
-            v = nll(model, val_x, ode=ODE_VAL)
-            history.append({"step": done, "val_nll": v, "train_loss": float(res.losses[-CHUNK:].mean()),
-                            "seconds": time.perf_counter() - t0})
-            log(f"    step {done:5d}  loss {history[-1]['train_loss']:.4f}  val NLL {v:+.3f}  "
-                f"({history[-1]['seconds']:.0f}s)")
-            if v < best[0]:
-                best = (v, copy.deepcopy(model.state_dict()), done)
-            if time.perf_counter() - t0 > MAX_SECONDS_PER_RUN:
+            checkpoint(done, float(res.losses[-CHUNK:].mean()))
+            if time.process_time() - c0 > MAX_SECONDS_PER_RUN:
                 log(f"    time budget reached at step {done}")
                 break
             # early stopping: PATIENCE chunks without improvement on validation
@@ -164,8 +231,9 @@ def fit_rfm(train_x, val_x, seed: int, log=print):
                 break
     model.load_state_dict(best[1])
     model.eval()
-    return model, {"best_step": best[2], "best_val_nll": best[0], "history": history,
-                   "train_seconds": time.perf_counter() - t0}
+    return model, (source, base_lp), {"best_step": best[2], "best_val_nll": best[0], "history": history,
+                            "base_seconds": base_seconds, "train_seconds": time.process_time() - c0,
+                            "wall_seconds": time.perf_counter() - t0, **base_info}
 
 
 # --- figure ---------------------------------------------------------------------------------------
@@ -206,14 +274,15 @@ def plot(figure_data, path: Path) -> None:
     tmp.replace(path)
 
 
-def density_grid(model, n_lat=60, n_lon=120):
+def density_grid(model, base_log_prob=None, n_lat=60, n_lon=120):
     lat = torch.linspace(-90 + 90 / n_lat, 90 - 90 / n_lat, n_lat, dtype=torch.float64)
     lon = torch.linspace(-180 + 180 / n_lon, 180 - 180 / n_lon, n_lon, dtype=torch.float64)
     LAT, LON = torch.meshgrid(lat, lon, indexing="ij")
     x = latlon_to_xyz(LAT.reshape(-1), LON.reshape(-1))
     model.eval()
     with torch.no_grad():
-        logp = torch.cat([manifold_log_likelihood(model, xb, S2, **ODE_VAL) for xb in torch.split(x, 4096)])
+        logp = torch.cat([manifold_log_likelihood(model, xb, S2, base_log_prob=base_log_prob, **ODE_VAL)
+                          for xb in torch.split(x, 4096)])
     return (torch.deg2rad(LON).numpy(), torch.deg2rad(LAT).numpy(), logp.reshape(n_lat, n_lon).numpy())
 
 
@@ -225,7 +294,8 @@ def _mean_std(vals):
 def _config() -> dict:
     return {"hidden": HIDDEN, "depth": DEPTH, "batch": BATCH, "steps": STEPS, "chunk": CHUNK, "lr": LR,
             "warmup": WARMUP, "patience": PATIENCE, "max_seconds_per_run": MAX_SECONDS_PER_RUN, "ode": ODE,
-            "quick": QUICK}
+            "quick": QUICK, "base": BASE, "em_k": list(EM_KS), "em_kappa_max": list(EM_KAPPA_MAX),
+            "features": FEATURES, "coupling": COUPLING, "zero_init": ZERO_INIT}
 
 
 def _command() -> str:
@@ -249,26 +319,28 @@ def run_dataset(name: str) -> None:
         g = torch.Generator().manual_seed(seed)
         tr, va, te = random_split(x, (0.8, 0.1, 0.1), generator=g)
         rows["uniform"].append(LOG_4PI)
-        kappa = fit_vmf_kde(tr, va)
-        kde = float(-vmf_kde_log_prob(te, tr, kappa).mean())
+        kde_mix, kappa = fit_vmf_kde(tr, va)
+        kde = float(-kde_mix.log_prob(te.double()).mean())
         rows["vmf_kde"].append(kde)
         print(f"[{name} seed {seed}] n={len(tr)}/{len(va)}/{len(te)}  vMF KDE κ={kappa:.0f}: test NLL {kde:+.3f}",
               flush=True)
-        model, info = fit_rfm(tr, va, seed, log=lambda s: print(s, flush=True))
+        model, (source, base_lp), info = fit_rfm(tr, va, seed, log=lambda s: print(s, flush=True), test_x=te)
         t0 = time.perf_counter()
-        test_nll = nll(model, te)
+        test_nll = nll(model, te, base_log_prob=base_lp)
         rows["rfm"].append(test_nll)
+        base_test = float(-base_lp(te.double()).mean()) if base_lp is not None else LOG_4PI
         print(f"[{name} seed {seed}] RFM test NLL {test_nll:+.3f} (best step {info['best_step']}, "
-              f"eval {time.perf_counter() - t0:.1f}s)", flush=True)
-        per_seed.append({"seed": seed, "kappa": kappa, "kde_test_nll": kde, "rfm_test_nll": test_nll, **info})
+              f"eval {time.perf_counter() - t0:.1f}s); base alone {base_test:+.3f}", flush=True)
+        per_seed.append({"seed": seed, "kappa": kappa, "kde_test_nll": kde, "rfm_test_nll": test_nll,
+                         "base_test_nll": base_test, **info})
         if seed == 0:
-            per_seed[-1]["rfm_test_nll_dopri5"] = nll(model, te, ode=ODE_CHECK)
+            per_seed[-1]["rfm_test_nll_dopri5"] = nll(model, te, ode=ODE_CHECK, base_log_prob=base_lp)
             print(f"[{name} seed {seed}] RFM test NLL with dopri5(1e-5): {per_seed[-1]['rfm_test_nll_dopri5']:+.3f}",
                   flush=True)
             with torch.no_grad():
                 g_s = torch.Generator().manual_seed(1234)
-                xs = sample(model, S2.random_base(2000, g_s), **ODE, geometry=S2)
-            lon_g, lat_g, logp = density_grid(model)
+                xs = sample(model, source(2000, g_s), **ODE, geometry=S2)
+            lon_g, lat_g, logp = density_grid(model, base_lp)
             fig = {"lon_grid": lon_g, "lat_grid": lat_g, "log_density": logp,
                    "test": [a.numpy() for a in xyz_to_latlon(te)],
                    "train": [a.numpy() for a in xyz_to_latlon(tr)],
@@ -311,6 +383,7 @@ def merge() -> None:
         datasets[name] = {"n": n, "uniform": _mean_std([LOG_4PI] * len(seeds)),
                           "vmf_kde": _mean_std([r["kde_test_nll"] for r in per_seed]),
                           "rfm": _mean_std([r["rfm_test_nll"] for r in per_seed]),
+                          "base": _mean_std([r.get("base_test_nll", LOG_4PI) for r in per_seed]),
                           "per_seed": per_seed, "seconds": seconds}
     if len({json.dumps(c, sort_keys=True) for c in configs.values()}) != 1:
         raise ValueError(f"merge expects one configuration across parts, got {configs}")
@@ -326,7 +399,7 @@ def merge() -> None:
                "total_seconds": sum(d["seconds"] for d in datasets.values())}
     (OUT / f"earth_nll{SUFFIX}.json").write_text(json.dumps(results, indent=2))
     plot(figure_data, OUT / f"earth_density{SUFFIX}.png")
-    write_md(results, OUT / f"earth_nll{SUFFIX}.md")
+    report(results)
     for f in list(OUT.glob(f"earth_nll{SUFFIX}.part-*.json")) + list(OUT.glob(f"earth_density{SUFFIX}.part-*.pt")):
         f.unlink()
     print(f"wrote {OUT}/earth_nll{SUFFIX}.{{json,md}} and earth_density{SUFFIX}.png")
@@ -336,6 +409,9 @@ def merge() -> None:
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
+    if REPORT:
+        report(json.loads((OUT / f"earth_nll{SUFFIX}.json").read_text()))
+        return
     if not MERGE:
         for name in DATASETS:
             run_dataset(name)
@@ -343,39 +419,124 @@ def main() -> None:
         merge()
 
 
-def write_md(results, path: Path) -> None:
+def report(results) -> None:
+    """Write ``earth_nll{suffix}.md`` and the budget-curve figure ``earth_budget{suffix}.png`` from the merged
+    results, with the runs named by ``--ablation`` side by side."""
+    ablations = {a: json.loads((OUT / f"earth_nll{a}.json").read_text()) for a in ABLATION}
+    plot_budget(results, ablations, OUT / f"earth_budget{SUFFIX}.png")
+    write_md(results, ablations, OUT / f"earth_nll{SUFFIX}.md")
+
+
+def _describe_config(c) -> str:
+    base = {"uniform": "uniform base", "kde": "vMF-KDE base",
+            "em": f"vMF-mixture base (EM, K ∈ {c.get('em_k')} × κ_max ∈ {c.get('em_kappa_max')} chosen on validation)"}
+    feats = f"spherical harmonics to degree {c['features']}" if c.get("features") else "R³ inputs"
+    return (f"{base[c.get('base', 'uniform')]}, MLP {c['hidden']}×{c['depth']} on {feats} + time"
+            f"{', zero-initialised output' if c.get('zero_init') else ''}, {c.get('coupling', 'independent')} "
+            f"coupling, batch {c['batch']}, AdamW lr {c['lr']}, {c['warmup']} warm-up steps, cosine over "
+            f"{c['steps']} steps, validation every {c['chunk']} steps")
+
+
+def plot_budget(results, ablations, path: Path) -> None:
+    """NLL (RK4-32) against CPU seconds of the run (base fit + training + validation), one panel per catalogue:
+    validation (dashed) and test (solid), every seed of the main run and of each ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ALL_DATASETS), figsize=(5 * len(ALL_DATASETS), 3.8))
+    runs = {f"this run ({results['config'].get('base', 'uniform')} base)": results,
+            **{f"{a.lstrip('_')} ({r['config'].get('base', 'uniform')} base)": r for a, r in ablations.items()}}
+    colours = ["#0072B2", "#D55E00", "#009E73", "#CC79A7"]
+    for ax, d in zip(axes, ALL_DATASETS):
+        for (label, res), col in zip(runs.items(), colours):
+            for i, p in enumerate(res["datasets"][d]["per_seed"]):
+                h = [r for r in p["history"] if "test_nll_rk4_32" in r]
+                if not h:
+                    continue
+                t = [r["seconds"] for r in h]
+                ax.plot(t, [r["test_nll_rk4_32"] for r in h], "-o", ms=2.5, color=col, alpha=0.8,
+                        label=f"{label}: test" if i == 0 else None)
+                ax.plot(t, [r["val_nll"] for r in h], "--", color=col, alpha=0.5,
+                        label=f"{label}: validation" if i == 0 else None)
+        ax.axhline(results["datasets"][d]["vmf_kde"][0], color="grey", lw=1, ls=":", label="vMF KDE (test mean)")
+        ax.set_title(d)
+        ax.set_xlabel("CPU seconds of the run (one thread)")
+        ax.set_ylabel("NLL (nats)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], LOG_4PI + 0.5))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_md(results, ablations, path: Path) -> None:
     def fmt(ms):
         return f"{ms[0]:+.2f} ± {ms[1]:.2f}"
 
     c = results["config"]
-    lines = ["# Earth density estimation on S² — test NLL (nats, lower is better)", "",
-             f"Protocol: {results['protocol']}; seeds {results['seeds']}. "
-             f"RFM: MLP {c['hidden']}×{c['depth']} (SiLU) on R³ + time, tangent-projected, batch {c['batch']}, "
-             f"AdamW lr {c['lr']}, {c['warmup']} linear warm-up steps then cosine schedule over {c['steps']} steps, "
-             f"validation NLL every {c['chunk']} steps, best chunk kept, early stop after {c['patience']} chunks "
-             f"without validation gain (≤ {c['max_seconds_per_run']:.0f} s per run, one CPU thread). NLL by the exact Riemannian divergence, "
-             f"RK4 with 64 steps on the test split (seed 0 re-checked with dopri5 1e-5, below); RK4 with 32 steps "
-             f"for validation and the map.", "",
-             "| method | " + " | ".join(ALL_DATASETS) + " |", "|---|" + "---|" * len(ALL_DATASETS)]
     ds = results["datasets"]
+    seconds = [p["train_seconds"] for d in ALL_DATASETS for p in ds[d]["per_seed"]]
+    lines = ["# Earth density estimation on S² — test NLL (nats, lower is better)", "",
+             f"Protocol: {results['protocol']}; seeds {results['seeds']}. steerflow: {_describe_config(c)}; "
+             f"the chunk with the best validation NLL is kept (with the zero-initialised output, step 0 — the base "
+             f"density itself — is a candidate), early stop after {c['patience']} chunks without validation gain. "
+             f"Budget per run ≤ {c['max_seconds_per_run']:.0f} CPU seconds of one thread (base fit + training + "
+             f"validation; measured: {min(seconds):.0f}–{max(seconds):.0f} s). NLL by the exact Riemannian divergence "
+             f"with the base's exact log-density, RK4 with 64 steps on the test split (seed 0 re-checked with "
+             f"dopri5 1e-5, below); RK4 with 32 steps for validation, the budget curve and the map.", "",
+             "| method | " + " | ".join(ALL_DATASETS) + " |", "|---|" + "---|" * len(ALL_DATASETS)]
     lines.append("| uniform (log 4π) | " + " | ".join(fmt(ds[d]["uniform"]) for d in ALL_DATASETS) + " |")
     lines.append("| vMF KDE (κ on validation, measured) | " + " | ".join(fmt(ds[d]["vmf_kde"]) for d in ALL_DATASETS) + " |")
-    lines.append("| **Riemannian FM, steerflow (measured)** | " + " | ".join(f"**{fmt(ds[d]['rfm'])}**" for d in ALL_DATASETS) + " |")
+    if c.get("base", "uniform") != "uniform":
+        lines.append("| the flow's base alone (measured) | " + " | ".join(fmt(ds[d]["base"]) for d in ALL_DATASETS) + " |")
+    lines.append("| **steerflow RFM (measured)** | " + " | ".join(f"**{fmt(ds[d]['rfm'])}**" for d in ALL_DATASETS) + " |")
     for label, vals in results["published"].items():
         lines.append(f"| {label} — published, not measured | "
                      + " | ".join(fmt(vals[d]) if d in vals else "—" for d in ALL_DATASETS) + " |")
-    lines += ["", "Per seed (RFM test NLL, best step, training seconds):", ""]
+    lines += ["", "Per seed (RFM test NLL, base alone, best step, CPU seconds of the run):", ""]
     for d in ALL_DATASETS:
-        lines.append(f"- {d}: " + ", ".join(f"seed {p['seed']}: {p['rfm_test_nll']:+.3f} (step {p['best_step']}, "
-                                             f"{p['train_seconds']:.0f}s)" for p in ds[d]["per_seed"]))
+        lines.append(f"- {d}: " + ", ".join(
+            f"seed {p['seed']}: {p['rfm_test_nll']:+.3f} (base {p.get('base_test_nll', LOG_4PI):+.3f}, step "
+            f"{p['best_step']}, {p['train_seconds']:.0f}s)" for p in ds[d]["per_seed"]))
     lines.append("")
     lines.append("Discretisation check (seed 0, test NLL RK4-64 vs dopri5 1e-5): " + "; ".join(
         f"{d}: {ds[d]['per_seed'][0]['rfm_test_nll']:+.3f} vs {ds[d]['per_seed'][0]['rfm_test_nll_dopri5']:+.3f}"
         for d in ALL_DATASETS))
-    lines += ["", f"Total compute {results['total_seconds'] / 60:.1f} min (one thread per process; the parts ran as "
-              f"parallel processes). Figure: `earth_density{SUFFIX}.png`.", "",
+    lines += ["", "## Budget curve", "",
+              f"NLL (RK4-32) against the CPU seconds of the run (figure `earth_budget{SUFFIX}.png`; the test NLL "
+              "of each checkpoint is recorded for this curve only, never used for selection). Seed 0:", ""]
+    runs = {"this run": results, **{f"`{a}`": r for a, r in ablations.items()}}
+    for label, res in runs.items():
+        for d in ALL_DATASETS:
+            h = res["datasets"][d]["per_seed"][0]["history"]
+            lines.append(f"- {label}, {d}: " + ", ".join(
+                f"{r['seconds']:.0f}s → val {r['val_nll']:+.2f}"
+                + (f" / test {r['test_nll_rk4_32']:+.2f}" if "test_nll_rk4_32" in r else "") for r in h))
+    if ablations:
+        lines += ["", "## Side by side (same seeds, same protocol)", "",
+                  "| configuration | seeds | " + " | ".join(ALL_DATASETS) + " |", "|---|---|" + "---|" * len(ALL_DATASETS)]
+        common = sorted(set.intersection(*({p["seed"] for p in r["datasets"][d]["per_seed"]}
+                                           for r in runs.values() for d in ALL_DATASETS)))
+        for label, res in runs.items():
+            vals = []
+            for d in ALL_DATASETS:
+                ps = [p for p in res["datasets"][d]["per_seed"] if p["seed"] in common]
+                ms = _mean_std([p["rfm_test_nll"] for p in ps])
+                vals.append(fmt(ms) if len(ps) > 1 else f"{ms[0]:+.2f}")
+            lines.append(f"| {label}: {_describe_config(res['config'])} | {common} | " + " | ".join(vals) + " |")
+    lines += ["", f"Total compute {results['total_seconds'] / 60:.1f} min wall clock (one thread; the machine was "
+              f"shared, so wall clock exceeds CPU time). Figures: `earth_density{SUFFIX}.png`, `earth_budget{SUFFIX}.png`.", "",
               "Reproduce (the part commands may run in parallel; the last one merges):", ""]
     lines += [f"    {cmd}" for cmd in results["commands"]]
+    if ablations:
+        lines += ["", "The side-by-side runs, then this report:", ""]
+        lines += [f"    {cmd}" for r in ablations.values() for cmd in r["commands"]]
+        lines.append("    python benchmarks/bench_earth.py --report --ablation " + ",".join(ablations)
+                     + (f" --out-suffix {SUFFIX}" if SUFFIX else ""))
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -8,6 +8,7 @@ Lipman 2024): network ``TangentVelocity(MLP, M)`` (``v_θ(x, t) = P_x f_θ(x, t)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -130,7 +131,10 @@ def _check_resume(out: Path, model) -> None:
 
 
 def _optimisation(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
-    """``train``'s keywords from the optimisation and logging flags."""
+    """``train``'s ``config=`` (a :class:`~steerflow.training.TrainConfig` from the optimisation and checkpointing
+    flags) and ``callbacks=``."""
+    from ..training import TrainConfig
+
     if args.warmup > args.steps:
         raise CLIError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
     if args.bf16 and device.type != "cuda":
@@ -143,8 +147,10 @@ def _optimisation(args: argparse.Namespace, out: Path, device: torch.device) -> 
             callbacks = [TensorBoardLogger(Path(args.tensorboard) if args.tensorboard else out / "tensorboard")]
         except ImportError as e:
             raise CLIError(f"--tensorboard: {e}") from None
-    return dict(lr=args.lr, lr_schedule=args.schedule, warmup=args.warmup, grad_clip=args.grad_clip,
-                amp="bf16" if args.bf16 else None, callbacks=callbacks)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
+                         lr_schedule=args.schedule, ema_decay=args.ema or None, grad_clip=args.grad_clip,
+                         amp="bf16" if args.bf16 else None, seed=args.seed, ckpt_every=args.ckpt_every)
+    return dict(config=config, callbacks=callbacks)
 
 
 def _run_manifold(args: argparse.Namespace) -> int:
@@ -197,9 +203,8 @@ def _run_manifold(args: argparse.Namespace) -> int:
                            f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
     options = _optimisation(args, out, device)
     C.begin_run(out, info, args.resume)
-    res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold),
-                steps=args.steps, batch_size=args.batch, ema_decay=args.ema or None, seed=args.seed, device=device,
-                out_dir=out, resume=args.resume, progress=not args.quiet, ckpt_every=args.ckpt_every, **options)
+    res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold), device=device,
+                out_dir=out, resume=args.resume, progress=not args.quiet, **options)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
     C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on "
                          f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}; "
@@ -241,11 +246,10 @@ def run(args: argparse.Namespace) -> int:
                      extra={} if args.image_size is None else {"image_size": args.image_size})
     options = _optimisation(args, out, device)
     C.begin_run(out, info, args.resume)  # (an interrupted run's checkpoint then samples from the right source)
-    res = train(model, dataset, source=source, coupling=coupling, path=args.path, steps=args.steps,
-                batch_size=args.batch, ema_decay=args.ema or None, seed=args.seed, device=device, out_dir=out,
-                resume=args.resume, progress=not args.quiet,
-                coupling_workers=C.coupling_workers(args.coupling_workers, coupling), ckpt_every=args.ckpt_every,
-                **options)
+    options["config"] = dataclasses.replace(options["config"],
+                                            coupling_workers=C.coupling_workers(args.coupling_workers, coupling))
+    res = train(model, dataset, source=source, coupling=coupling, path=args.path, device=device, out_dir=out,
+                resume=args.resume, progress=not args.quiet, **options)
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
     C.end_run(out, info, f"trained {type(model).__name__} for {args.steps} steps ({args.coupling} coupling); "
                          f"final loss {final:.4g}; checkpoint in {out}")

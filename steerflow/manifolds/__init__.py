@@ -20,3 +20,8 @@ __all__ = ["AbstractManifold", "Euclidean", "Hyperbolic", "minkowski", "manifold
 from .domains import BASES, AbstractDomain, Box, ReflectedPath, Simplex
 
 __all__ += ["BASES", "AbstractDomain", "Box", "ReflectedPath", "Simplex"]
+
+from .harmonics import SphericalHarmonics
+from .vmf import VonMisesFisherMixture
+
+__all__ += ["SphericalHarmonics", "VonMisesFisherMixture"]
