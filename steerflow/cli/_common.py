@@ -224,13 +224,11 @@ def load_run_data(name: str, info: RunInfo | None) -> Any:
 
 
 def data_sampler(dataset):
-    """``(n, generator) -> (n, *d)`` float32 for a dataset from :func:`load_data`."""
-    def draw(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = dataset.sample(n, generator=generator)
-        if isinstance(x, tuple):  # labelled data: (x, labels)
-            x = x[0]
-        return torch.as_tensor(x).float()
-    return draw
+    """``(n, generator) -> (n, *d)`` float32 for a dataset from :func:`load_data` (labels dropped)."""
+    from ..training.pairs import as_sampler
+
+    draw = as_sampler(dataset)
+    return lambda n, generator=None: draw(n, generator).float()
 
 
 def source_sampler(name: str, event_shape: tuple[int, ...]):

@@ -257,12 +257,13 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def write_weights(tensors: dict[str, Tensor], path: Path) -> None:
-    """``tensors`` as a safetensors file, written atomically (CPU, contiguous, unshared copies)."""
+def write_weights(tensors: dict[str, Tensor], path: Path, *, fmt: str = FORMAT) -> None:
+    """``tensors`` as a safetensors file tagged ``{"format": fmt}``, written atomically (CPU, contiguous,
+    unshared copies: safetensors refuses shared or non-contiguous storage)."""
     from safetensors.torch import save_file
 
     plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(plain, tmp, metadata={"format": FORMAT}))
+    _write_atomic(path, lambda tmp: save_file(plain, tmp, metadata={"format": fmt}))
 
 
 def write_json(obj: Any, path: Path) -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..manifolds import velocity as _tangent  # noqa: F401  (registers TangentVelocity for the readers below)
 from ..models import unwrap_model
 from ..models.pretrained import (build_from_spec, load_checked, load_saved_state, read_model_config,
-                                 spec_or_none, state_for_saving, stored_dtype)
+                                 spec_or_none, state_for_saving, stored_dtype, write_json, write_weights)
 
 FORMAT = "steerflow.checkpoint"
 VERSION = 1
@@ -61,31 +61,6 @@ class Checkpoint:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-def _json_dump_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _to_saveable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # safetensors refuses shared or non-contiguous storage; a CPU copy per tensor is the portable form.
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-
-
-def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(_to_saveable(tensors), str(path), metadata={"format": FORMAT})
-
-
 def _check_json(obj: Any, what: str) -> None:
     try:
         json.dumps(obj)
@@ -154,10 +129,10 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     files: dict[str, str] = {"model": "model.safetensors"}
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-step-"))
     try:
-        _save_tensors(state_for_saving(net), tmp / "model.safetensors")
+        write_weights(state_for_saving(net), tmp / "model.safetensors", fmt=FORMAT)
         if ema is not None:
             ema_module = ema.module if hasattr(ema, "module") and isinstance(ema.module, nn.Module) else ema
-            _save_tensors(state_for_saving(ema_module), tmp / "ema.safetensors")
+            write_weights(state_for_saving(ema_module), tmp / "ema.safetensors", fmt=FORMAT)
             files["ema"] = "ema.safetensors"
         state_tensors = dict(extra_tensors)
         state_json: dict[str, Any] = {"extra": extra_json}
@@ -165,7 +140,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
             opt_tensors, opt_meta = _flatten_optimizer(optimizer)
             state_tensors.update(opt_tensors)
             state_json["optimizer"] = opt_meta
-        _save_tensors(state_tensors, tmp / "state.safetensors")
+        write_weights(state_tensors, tmp / "state.safetensors", fmt=FORMAT)
         with open(tmp / "state.json", "w") as f:
             json.dump(state_json, f, indent=1, sort_keys=True)
         files.update(state="state.safetensors", state_json="state.json")
@@ -182,7 +157,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _json_dump_atomic({"step": step, "checkpoint": final.name}, out / LATEST)
+    write_json({"step": step, "checkpoint": final.name}, out / LATEST)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     olds = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name != final.name)
