@@ -32,7 +32,8 @@ final files). Options (``--name value``): ``--steps`` (LR schedule length), ``--
 ``--batch``, ``--lr``, ``--warmup`` (linear warm-up steps), ``--chunk`` (steps between validation NLLs),
 ``--patience`` (chunks without validation gain before stopping), ``--max-seconds`` (CPU budget per run),
 ``--base``, ``--em-k``, ``--em-kappa-max`` (comma lists), ``--features``, ``--coupling`` (a coupling name:
-``independent``, ``exact-ot``, ...), ``--zero-init``, ``--curve``, ``--datasets`` (comma list), ``--seeds``
+``independent``, ``exact-ot``, ..., or ``responsibility``: with ``--base em``, each data point paired with a draw
+from its own mixture component, ``VonMisesFisherMixture.coupling``), ``--zero-init``, ``--curve``, ``--datasets`` (comma list), ``--seeds``
 (comma list), ``--out-suffix``, ``--ablation`` (comma list of other runs' suffixes shown side by side);
 flags ``--quick`` (one seed, short schedule), ``--merge`` and ``--report`` (rewrite the .md and the budget
 figure from the merged .json). A run on a subset writes
@@ -211,13 +212,18 @@ def fit_rfm(train_x, val_x, seed: int, log=print, test_x=None):
         if v < best[0]:
             best = (v, copy.deepcopy(model.state_dict()), done)
 
+    coupling = COUPLING
+    if COUPLING == "responsibility":  # x_0 from the fitted mixture's component of each data point
+        if BASE != "em":
+            raise ValueError("--coupling responsibility needs --base em (a fitted vMF mixture)")
+        coupling = source.__self__.coupling()
     if ZERO_INIT:
         checkpoint(0, float("nan"))
     with tempfile.TemporaryDirectory() as tmp:
         done = 0
         while done < STEPS:
             stop = min(done + CHUNK, STEPS)
-            res = train(model, train_x, source=source, path=GeodesicPath(S2), steps=STEPS, coupling=COUPLING,
+            res = train(model, train_x, source=source, path=GeodesicPath(S2), steps=STEPS, coupling=coupling,
                         batch_size=BATCH, lr=LR, warmup=WARMUP, lr_schedule="cosine", device="cpu", seed=seed,
                         out_dir=tmp, resume=done > 0, stop_at=stop, progress=False, log_every=CHUNK)
             done = res.step

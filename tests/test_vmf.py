@@ -178,3 +178,30 @@ def test_vmf_base_in_the_flow_likelihood():
     assert torch.allclose(lp, mix.log_prob(x), atol=1e-12)
     uniform = manifold_log_likelihood(v, x, Sphere(2), steps=4)
     assert torch.allclose(uniform, torch.full_like(uniform, -math.log(4 * math.pi)), atol=1e-12)
+
+
+def test_sample_given_draws_from_each_points_own_component_and_keeps_the_marginal():
+    # two components at the poles plus a weak equatorial one: a point near a pole draws from that pole's component;
+    # data drawn from the mixture itself give source draws distributed as the mixture (the EM fixed point)
+    means = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    mix = VonMisesFisherMixture(means, torch.tensor([60.0, 60.0, 5.0], dtype=torch.float64),
+                                torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    near_north = VonMisesFisherMixture(means[:1], 400.0).sample(200, g, dtype=torch.float64)
+    x0 = mix.sample_given(near_north, g)
+    assert x0.dtype == torch.float64 and x0.shape == (200, 3)
+    assert torch.allclose(x0.norm(dim=1), torch.ones(200, dtype=torch.float64))
+    assert (x0[:, 2] > 0.5).all()  # the north component only
+    n = 20000
+    x1 = mix.sample(n, g, dtype=torch.float64)
+    x0 = mix.sample_given(x1, g)
+    ref = mix.sample(n, g, dtype=torch.float64)
+    for a in (x0, ref):  # the share near each pole matches π within 4 standard errors
+        for pole, w in ((2, 0.5), (-2, 0.3)):
+            share = float(((a[:, abs(pole)] * (1 if pole > 0 else -1)) > 0.8).double().mean())
+            assert abs(share - w) < 4 * math.sqrt(w * (1 - w) / n) + 0.01, (share, w)
+    # the coupling keeps x1 and replaces x0
+    couple = mix.coupling()
+    y0, y1 = couple(torch.zeros(5, 3), x1[:5].float(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(y1, x1[:5].float()) and y0.dtype == torch.float32
+    assert torch.allclose(y0.norm(dim=1), torch.ones(5))

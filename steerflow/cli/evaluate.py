@@ -3,10 +3,12 @@
 For a checkpoint trained with ``--manifold M`` it reports the test negative log-likelihood in nats with
 respect to ``M``'s Riemannian volume, ``-log p_1(x) = -log p_base(x_0) + ∫_0^1 div_g v(x_t, t) dt``
 (:func:`steerflow.manifolds.manifold_log_likelihood`; Chen & Lipman 2024, eq. 7), next to the base
-distribution's NLL (``log 4π = 2.531`` for the uniform distribution on ``S²``). Every point of ``--split`` is
-scored, ``--batch`` at a time; points whose backward solve leaves ``M``'s numeric range (the flow does not reach
-them: ``log p = -inf``) are counted and named, and the NLL is over the others. ``--split val/test`` of points the
-checkpoint was trained on (it records its split, seed and data in ``run.json``) is refused unless ``--allow-leak``.
+distribution's NLL (``log 4π = 2.531`` for the uniform distribution on ``S²``); a run trained from a fitted base
+(``train --base vmf``) is scored with that base's exact log-density as ``log p_base``, and the base row shows that
+base alone. Every point of ``--split`` is scored, ``--batch`` at a time; points whose backward solve leaves ``M``'s
+numeric range (the flow does not reach them: ``log p = -inf``) are counted and named, and the NLL is over the
+others. ``--split val/test`` of points the checkpoint was trained on (it records its split, seed and data in
+``run.json``) is refused unless ``--allow-leak``.
 """
 from __future__ import annotations
 
@@ -162,13 +164,18 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
         x = x[idx]
     device = next(loaded.model.parameters()).device
     ode = {"method": args.method} if args.method == "dopri5" else {"method": args.method, "steps": args.steps}
+    fitted = loaded.base  # the fitted source the flow was trained from, or None: M's base distribution
+    base_log_prob = None if fitted is None else fitted.log_prob
+    if fitted is not None and split == "val" and (info.base or {}).get("chosen_on") == "val":
+        print("note: the run's base was chosen on these validation points (--base-components)", file=sys.stderr)
     cost = Cost()
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():  # its count is reported below, with the points' positions
             warnings.filterwarnings("ignore", message="log_likelihood: ", category=RuntimeWarning)
             logp = manifold_log_likelihood(loaded.model, x.to(device), M, cost=cost, batch_size=args.batch,
-                                           progress=not args.quiet, **ode).cpu().double()
+                                           base_log_prob=base_log_prob, progress=not args.quiet,
+                                           **ode).cpu().double()
     except RuntimeError as e:
         raise CLIError(f"the likelihood on {M.name} failed ({C._msg(e)})") from None
     sec = time.perf_counter() - t0
@@ -186,13 +193,15 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
     scored = logp[finite]
     nll = float(-scored.mean())
     se = float(scored.std() / math.sqrt(scored.numel())) if scored.numel() > 1 else 0.0
-    base = float(-M.base_log_prob(x.double()).mean())
+    base = float(-(M.base_log_prob if fitted is None else fitted.log_prob)(x.double()).mean())
+    base_name = f"base distribution of {M.name}" if fitted is None else \
+        f"fitted base alone (vMF mixture, {len(fitted)} components)"
     trained_on = " — trained on these points" if leak else ""
     print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} "
           f"(split {split}, seed {seed}{trained_on})")
     solver = args.method if args.method == "dopri5" else f"{args.method}, {args.steps} steps"
     print("\n| model | NLL (nats) |\n|---|---:|")
-    print(f"| base distribution of {M.name} | {base:.3f} |")
+    print(f"| {base_name} | {base:.3f} |")
     print(f"| flow ({solver}) | {nll:.3f} ± {se:.3f} |")
     if bad:
         print(f"| points the flow does not reach (log p = -inf, left out above) | {len(bad)} of {logp.numel()} |")
@@ -200,6 +209,7 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
     C.write_json(out, {"ckpt": str(args.ckpt), "manifold": M.name, "data": data_name, "split": split, "seed": seed,
                        "trained_split": info.split or "all", "leak": bool(leak),
                        "n": int(x.shape[0]), "nll": nll, "nll_stderr": se, "base_nll": base,
+                       "base": None if fitted is None else (info.base or {}).get("name", "vmf"),
                        "n_nonfinite": len(bad), "nonfinite_points": bad,
                        "ode": ode, "nfe": cost.nfe, "seconds": sec,
                        "units": "nats, w.r.t. the Riemannian volume of the manifold; nll over the points with a "

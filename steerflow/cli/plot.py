@@ -2,8 +2,8 @@
 
 Points on the sphere ``S²`` (a ``sphere2`` checkpoint, a ``.csv`` of latitude/longitude, or a ``.npy`` of
 unit vectors with ``--map``) are drawn on a Mollweide world map; ``--kind density`` draws a ``sphere2``
-checkpoint's learned log-density ``log p_1`` (:func:`steerflow.manifolds.manifold_log_likelihood`) on a
-latitude/longitude grid.
+checkpoint's learned log-density ``log p_1`` (:func:`steerflow.manifolds.manifold_log_likelihood`, with the fitted
+base's log-density when the run saved one) on a latitude/longitude grid.
 """
 from __future__ import annotations
 
@@ -89,8 +89,9 @@ def _density_grid(loaded, n_lat: int = 36, n_lon: int = 72, batch: int = 2048):
     LAT, LON = torch.meshgrid(lat, lon, indexing="ij")
     x = latlon_to_xyz(LAT.reshape(-1), LON.reshape(-1))
     device = next(loaded.model.parameters()).device
+    base_log_prob = None if loaded.base is None else loaded.base.log_prob
     logp = manifold_log_likelihood(loaded.model, x.to(device), loaded.manifold, method="rk4", steps=24,
-                                   batch_size=batch).cpu()
+                                   batch_size=batch, base_log_prob=base_log_prob).cpu()
     return torch.deg2rad(LON).numpy(), torch.deg2rad(LAT).numpy(), logp.reshape(n_lat, n_lon).numpy()
 
 

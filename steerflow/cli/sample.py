@@ -1,8 +1,9 @@
 """``steerflow sample``: draw samples from a checkpoint with a chosen solver and time grid.
 
-A checkpoint trained with ``--manifold M`` is sampled by the same solver loop from ``x_0 ~ M.random_base``
-with ``geometry=M`` (every step retracts onto ``M``); on ``sphere2`` the samples can be written as
-latitude/longitude in degrees (``--latlon``, or an ``--out`` ending in ``.csv``).
+A checkpoint trained with ``--manifold M`` is sampled by the same solver loop from ``x_0 ~ M.random_base`` (or
+from the fitted base saved with the run, ``train --base vmf``) with ``geometry=M`` (every step retracts onto
+``M``); on ``sphere2`` the samples can be written as latitude/longitude in degrees (``--latlon``, or an ``--out``
+ending in ``.csv``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
          return_source: bool = False, progress: bool = False):
     """Sample ``n`` points from a loaded checkpoint: ``x_0 ~ source``, then the ODE solve.
 
-    For a manifold checkpoint ``x_0 ~ M.random_base`` and the solve runs with ``geometry=M``.
+    For a manifold checkpoint ``x_0 ~ M.random_base``, or ``x_0 ~ loaded.base.sample`` when the run saved a fitted
+    base, and the solve runs with ``geometry=M``.
     """
     from ..solvers import sample, shifted_grid, uniform_grid
 
@@ -57,7 +59,10 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
     steps = steps or info.default_steps
     g = C.generator(seed)
     manifold = getattr(loaded, "manifold", None)
-    if manifold is None:
+    base = getattr(loaded, "base", None)
+    if base is not None:
+        x_0 = base.sample(n, g)
+    elif manifold is None:
         x_0 = C.source_sampler(info.source, tuple(loaded.model.event_shape))(n, g)
     else:
         x_0 = manifold.random_base(n, g)

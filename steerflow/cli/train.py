@@ -4,17 +4,49 @@ With ``--manifold M`` the same :func:`steerflow.training.train` runs Riemannian 
 Lipman 2024): network ``TangentVelocity(MLP, M)`` (``v_θ(x, t) = P_x f_θ(x, t)``), path
 ``GeodesicPath(M)`` (``x_t = exp_{x_0}(t log_{x_0} x_1)``, loss ``|v_θ(x_t, t) - ẋ_t|²_{x_t}``), source
 ``M.random_base`` (uniform on compact manifolds), independent coupling.
+
+On ``sphere2``, ``--base vmf`` trains from a von Mises–Fisher mixture fitted by EM to the training points
+(:meth:`steerflow.manifolds.VonMisesFisherMixture.fit_em_select`): its number of components (``--base-components``)
+and concentration cap (``--base-kappa-max``) are chosen by the mean NLL of held-out points — the validation part
+of the 80/10/10 split with ``--split train``, else a random 10 % of the training points drawn with ``--seed``
+(the chosen pair is then fitted again on all of them); a single candidate pair is fitted without a choice. The
+mixture is saved as ``base.json`` + ``base.safetensors`` beside the checkpoints and recorded in ``run.json``;
+``sample``, ``eval`` and ``plot`` use it. The output layer of the network (weights and bias of its last linear layer)
+starts at zero, so the untrained velocity is 0 everywhere: the flow at step 0 is the identity and its density is
+the base's.
+
+``--select val`` (the default with ``--base vmf --split train``) keeps the checkpoint with the lowest validation
+NLL: the weights that ``eval`` uses by default (EMA weights where kept) are scored on the validation part of the
+split, ``-mean log p_1(x)`` by :func:`steerflow.manifolds.manifold_log_likelihood` (RK4, 32 steps, the run's base
+density as ``log p_base``), at step 0 and at every checkpoint (``--ckpt-every``, and the last step). The run is
+trained in parts that end at those checkpoints (``train``'s ``stop_at`` and ``resume``, so the trained weights are
+those of one uninterrupted run). ``best.json`` names the selected checkpoint and holds the scores
+(:func:`steerflow.training.checkpoint.select_checkpoint`; the step-0 weights are written as ``step-00000000`` when
+they are the selected ones), ``run.json``'s ``selection`` records ``selected_step`` and the ``val_nll`` curve, and
+``load_checkpoint(out)`` / ``load_run`` / ``sample`` / ``eval`` / ``plot`` load the selected checkpoint.
+``latest.json`` still names the last checkpoint: ``--resume`` continues from it, and the scores so far come from
+``best.json``. ``--select last`` (the default otherwise) keeps the last step, as before.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import math
+import sys
 from pathlib import Path
 
 import torch
 
 from . import _common as C
 from .main import CLIError, Command, register
+
+BASES = ("uniform", "vmf")
+SELECT = ("last", "val")
+VAL_ODE = {"method": "rk4", "steps": 32}
+"""The likelihood solve of ``--select val``'s validation NLL (a coarser grid than ``eval``'s RK4-64)."""
+VAL_BATCH = 1024
+SELECT_WORDS = {"last": "its last step", "val": "the checkpoint with the lowest validation NLL"}
 
 COUPLINGS = ("independent", "exact-ot", "sinkhorn")
 MODEL_CHOICES = ("mlp", "unet", "mlp-selu")
@@ -67,9 +99,28 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "sphere2xtorus1): Riemannian flow matching with geodesic paths from the uniform/base "
                         "distribution. --data is then volcano, earthquake, flood or a lat/lon .csv (sphere2), "
                         "or a .npy of points on the manifold")
+    p.add_argument("--base", choices=BASES, default="uniform",
+                   help="with --manifold: the flow's source. uniform: the manifold's base distribution "
+                        "(uniform on compact manifolds); vmf (sphere2 only): a von Mises-Fisher mixture fitted "
+                        "by EM to the training points, saved with the run; the network's output layer then starts "
+                        "at zero, so the untrained flow is the identity and its density the base's")
+    p.add_argument("--base-components", type=C.positive_int, nargs="+", default=None, metavar="K",
+                   help="with --base vmf: the numbers of mixture components to try (default: 10 30 100 300, "
+                        "each at most the number of training points); with several, the one whose fit scores "
+                        "best on held-out points is kept: the validation split with --split train, else a "
+                        "random 10%% of the training points")
+    p.add_argument("--base-kappa-max", type=C.positive_float, nargs="+", default=None, metavar="KAPPA",
+                   help="with --base vmf: the caps on the components' concentrations to try (default: 1e4), "
+                        "chosen with --base-components")
     p.add_argument("--split", choices=("all", "train"), default="all",
                    help="with --manifold: train on all points, or on the 80%% part of the random 80/10/10 "
                         "split drawn with --seed (then 'steerflow eval --split test' scores the held-out 10%%)")
+    p.add_argument("--select", choices=SELECT, default=None,
+                   help="with --manifold: which checkpoint the run keeps as its model. last: the last step; val "
+                        "(needs --split train): the one with the lowest validation NLL among step 0 and every "
+                        "checkpoint (--ckpt-every), named in best.json and used by sample/eval/plot (--resume "
+                        "still continues from the last step). Default: val with --base vmf --split train (on one process), "
+                        "else last")
 
 
 def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | None, n_classes: int | None = None,
@@ -172,6 +223,11 @@ def _run_manifold(args: argparse.Namespace) -> int:
     for flag, val in (("--unet-width", args.unet_width), ("--image-size", args.image_size)):
         if val is not None:
             raise CLIError(f"{flag} applies to image data, not with --manifold")
+    request = _base_request(args)
+    if request is not None and manifold.name != "sphere2":
+        raise CLIError(f"--base vmf is a von Mises-Fisher mixture on the sphere: it needs --manifold sphere2, "
+                       f"not {manifold.name}")
+    select = _select_mode(args, request)
     device = C.device_of(args.device)
     points = C.load_manifold_data(args.data, manifold)
     split = args.split
@@ -185,13 +241,18 @@ def _run_manifold(args: argparse.Namespace) -> int:
         config["in_dim"] = manifold.periodic_features(torch.zeros(1, *manifold.shape)).shape[1]  # (width only)
     with C.seeded(args.seed):  # initial weights from --seed, the caller's RNG untouched
         model = C.build_manifold_model(manifold, {"name": "mlp", "config": config, **embed})
+    if request is not None:  # from a fitted base, the untrained flow is the base itself
+        zero_output_layer(model)
     network = {"name": "mlp", "config": dict(model.model.config), **embed}
     out = Path(args.out)
     C.check_out(out, args.resume)
     info = C.RunInfo(data=args.data, source="base", kind="flow", coupling="independent", path="geodesic",
                      default_steps=100, default_method="euler", manifold=manifold.name, network=network,
                      split=split, split_seed=args.seed if split != "all" else None,
-                     data_points=int(points.shape[0]), data_sha256=C.points_digest(points))
+                     data_points=int(points.shape[0]), data_sha256=C.points_digest(points),
+                     selection=None if select == "last" else {"metric": "val_nll", "weights": "ema" if args.ema
+                                                              else "model", "ode": dict(VAL_ODE)})
+    base = None
     if args.resume:
         old = C.RunInfo.load(out)
         old_split, new_split = (old.split or "all", old.split_seed), (info.split, info.split_seed)
@@ -201,15 +262,192 @@ def _run_manifold(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
                            f"({_split_words(*old_split)}{'' if same_data else ', other data'}), but this run "
                            f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
+        old_request = None if old.base is None else {k: old.base.get(k) for k in ("name", "candidates")}
+        if old_request != request:
+            raise CLIError(f"--resume {str(out)!r}: the run was trained from {_base_words(old_request)}, but this "
+                           f"run asks for {_base_words(request)} (use the same --base options)")
+        if request is not None:  # the base it was trained from, as saved
+            base, info = _load_saved_base(out), dataclasses.replace(info, base=old.base)
+        old_select = "last" if old.selection is None else "val"
+        if old_select != select:
+            raise CLIError(f"--resume {str(out)!r}: the run keeps {SELECT_WORDS[old_select]} (--select "
+                           f"{old_select}), but this run asks for --select {select} (pass --select {old_select})")
     options = _optimisation(args, out, device)
+    if request is not None and base is None:
+        base, record = _fit_base(request, points, x_1, split, args.seed)
+        info = dataclasses.replace(info, base=record)
+    if not args.resume and C.is_main_process():  # (before run.json, which names it; a killed attempt's is not ours)
+        if base is not None:
+            base.save(out, "base")
+        else:
+            for name in ("base.json", "base.safetensors"):
+                (out / name).unlink(missing_ok=True)
     C.begin_run(out, info, args.resume)
-    res = train(model, x_1, source=manifold.random_base, coupling=None, path=GeodesicPath(manifold), device=device,
-                out_dir=out, resume=args.resume, progress=not args.quiet, **options)
+    source = manifold.random_base if base is None else base.sample
+    kept = ""
+    if select == "last":
+        res = train(model, x_1, source=source, coupling=None, path=GeodesicPath(manifold), device=device,
+                    out_dir=out, resume=args.resume, progress=not args.quiet, **options)
+    else:
+        score = validation_nll(C.split_points(points, "val", args.seed), manifold,
+                               None if base is None else base.log_prob)
+        res, scores, best = _train_selecting(model, x_1, source=source, path=GeodesicPath(manifold),
+                                             device=device, out=out, resume=args.resume, quiet=args.quiet,
+                                             score=score, **options)
+        info = dataclasses.replace(info, selection={**info.selection, "selected_step": best,
+                                                    "val_nll": {str(k): scores[k] if math.isfinite(scores[k])
+                                                                else None for k in sorted(scores)}})
+        kept = (f"; kept step {best} of the lowest validation NLL {scores[best]:.4g} (step 0: {scores[0]:.4g}, "
+                f"last: {scores[res.step]:.4g}; best.json)")
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
-    C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name} for {args.steps} steps on "
-                         f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}; "
+    from_base = "" if base is None else f" from a vMF mixture of {len(base)} components (base.json)"
+    C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name}{from_base} for {args.steps} steps on "
+                         f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}{kept}; "
                          f"checkpoint in {out}")
     return 0
+
+
+def zero_output_layer(model: torch.nn.Module) -> None:
+    """Zero the weights and bias of the output layer of ``TangentVelocity(MLPVelocity)``'s network: ``f_θ ≡ 0``, so
+    ``v_θ = P_x f_θ ≡ 0`` and the flow maps every point to itself until trained (the other layers keep their
+    initialisation, so the gradients reach the output layer at the first step)."""
+    layer = model.model.net[-1]
+    if not isinstance(layer, torch.nn.Linear):
+        raise TypeError(f"expected the network to end in a torch.nn.Linear, got {type(layer).__name__}")
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+
+
+def _select_mode(args: argparse.Namespace, request: dict | None) -> str:
+    """``--select``, or its default: ``val`` with a fitted base and a validation split (one process), else ``last``."""
+    from ..training.distributed import env_requests_distributed
+
+    if args.select is None:
+        fits = request is not None and args.split == "train" and not env_requests_distributed()
+        return "val" if fits else "last"
+    if args.select == "val" and args.split != "train":
+        raise CLIError("--select val keeps the checkpoint with the lowest NLL on the validation split: it needs "
+                       f"--split train (not --split {args.split})")
+    if args.select == "val" and env_requests_distributed():
+        raise CLIError("--select val scores checkpoints in one process; under torchrun pass --select last")
+    return args.select
+
+
+def validation_nll(x_val: torch.Tensor, manifold, base_log_prob=None):
+    """``score(net) -> float``: ``-mean log p_1(x)`` over ``x_val`` of the flow of ``net``
+    (:func:`~steerflow.manifolds.manifold_log_likelihood` with :data:`VAL_ODE`, ``VAL_BATCH`` points per solve, no
+    autograd graph; ``base_log_prob`` default ``manifold.base_log_prob``), +inf when not finite."""
+    from ..manifolds import manifold_log_likelihood
+
+    def score(net: torch.nn.Module) -> float:
+        was_training = net.training
+        net.eval()
+        try:
+            x = x_val.to(next(net.parameters()).device)
+            logp = manifold_log_likelihood(net, x, manifold, batch_size=VAL_BATCH, base_log_prob=base_log_prob,
+                                           **VAL_ODE)
+        finally:
+            net.train(was_training)
+        nll = float(-logp.double().mean())
+        return nll if math.isfinite(nll) else math.inf
+
+    return score
+
+
+def _train_selecting(model, x_1, *, source, path, device, out: Path, resume: bool, quiet: bool, score, config,
+                     callbacks):
+    """``train`` in parts ending at each checkpoint, ``score`` (lower is better) of the weights ``eval`` uses at
+    step 0 and after each part, ``best.json`` pointed at the lowest. Returns the last part's result, the scores
+    ``{step: score}`` and the selected step."""
+    from ..training import load_checkpoint, train
+    from ..training.callbacks import Callbacks
+    from ..training.checkpoint import (LATEST, read_config, read_selection, save_checkpoint,
+                                       select_checkpoint)
+
+    initial = copy.deepcopy(model)  # step 0's weights (a resumed run rebuilds the same ones from --seed)
+    callbacks = Callbacks(callbacks)
+    resumed = resume and (out / LATEST).exists()
+    start = int(read_config(out)["step"]) if resumed else 0
+    chosen = read_selection(out) if resumed else None
+    scores = {k: v for k, v in (chosen or {}).get("scores", {}).items() if k <= start}
+    if 0 not in scores:
+        scores[0] = score(initial)
+    if start not in scores:  # (a run killed between its checkpoint and the checkpoint's score)
+        ckpt = load_checkpoint(out, latest=True, device=device)
+        scores[start] = score(ckpt.ema_model if ckpt.ema_model is not None else ckpt.model)
+    every, steps = config.ckpt_every, config.steps
+    stops = [k for k in sorted({*range(every or steps, steps, every or steps), steps}) if k > start] or [steps]
+    saved_initial = False
+    best = 0
+    for i, stop in enumerate(stops):
+        part = dataclasses.replace(config, stop_at=stop if stop < steps else None)
+        res = train(model, x_1, source=source, coupling=None, path=path, device=device, out_dir=out,
+                    resume=resume or i > 0, progress=not quiet, config=part, callbacks=callbacks.on_log)
+        if res.step not in scores:
+            scores[res.step] = score(res.ema if res.ema is not None else res.model)
+        if min(scores, key=lambda k: (scores[k], k)) == 0 and not saved_initial:  # the untrained flow is the best
+            save_checkpoint(out, initial, ema=initial if config.ema_decay else None,
+                            config=read_config(out)["training"], step=0, extra={"losses": torch.zeros(0)},
+                            update_latest=False)
+            saved_initial = True
+        best = select_checkpoint(out, scores, metric="val_nll")
+        if not quiet:
+            print(f"step {res.step}: validation NLL {scores[res.step]:.4f} (kept: step {best}, {scores[best]:.4f})",
+                  file=sys.stderr)
+    callbacks.on_end(res)
+    return res, scores, best
+
+
+def _base_words(request: dict | None) -> str:
+    if request is None:
+        return "the manifold's base distribution (--base uniform)"
+    c = request.get("candidates") or {}
+    return (f"--base {request.get('name')} (--base-components {' '.join(map(str, c.get('components', [])))} "
+            f"--base-kappa-max {' '.join(f'{k:g}' for k in c.get('kappa_max', []))})")
+
+
+def _load_saved_base(out: Path):
+    from ..manifolds.vmf import VonMisesFisherMixture
+
+    try:
+        return VonMisesFisherMixture.load(out, "base")
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--resume {str(out)!r}: the run's fitted base cannot be loaded ({C._msg(e)})") from None
+
+
+def _base_request(args: argparse.Namespace) -> dict | None:
+    """What ``--base`` asks for: None (the manifold's base distribution) or the candidates of a vMF mixture."""
+    from ..manifolds.vmf import DEFAULT_COMPONENTS
+
+    if args.base == "uniform":
+        for flag, val in (("--base-components", args.base_components), ("--base-kappa-max", args.base_kappa_max)):
+            if val is not None:
+                raise CLIError(f"{flag} applies with --base vmf (a fitted von Mises-Fisher mixture on sphere2)")
+        return None
+    return {"name": "vmf", "candidates": {"components": list(args.base_components or DEFAULT_COMPONENTS),
+                                          "kappa_max": list(args.base_kappa_max or (1e4,))}}
+
+
+CHOSEN_ON = {"held_out": "val", "train_slice": "10% of the training points (held out, then fitted on all)",
+             None: None}
+"""Where ``run.json`` says the base's ``(K, κ_max)`` was chosen (from ``EMSelection.chosen_on``)."""
+
+
+def _fit_base(request: dict, points: torch.Tensor, x_1: torch.Tensor, split: str, seed: int):
+    """The vMF mixture ``request`` asks for, fitted to the training points ``x_1`` (chosen on the validation part of
+    the split with ``--split train``, else on a 10 % slice of ``x_1``), and its ``run.json`` record."""
+    from ..manifolds.vmf import VonMisesFisherMixture
+
+    held_out = C.split_points(points, "val", seed) if split == "train" else None
+    c = request["candidates"]
+    try:
+        mix, sel = VonMisesFisherMixture.fit_em_select(x_1, held_out, c["components"], c["kappa_max"], seed=seed)
+    except ValueError as e:
+        raise CLIError(f"--base vmf: {C._msg(e)}") from None
+    record = {**request, "file": "base.json", "components": sel.components, "kappa_max": sel.kappa_max,
+              "fitted_components": sel.fitted, "chosen_on": CHOSEN_ON[sel.chosen_on], "held_out_nll": sel.held_out_nll}
+    return mix, record
 
 
 def _split_words(split: str, seed: int | None) -> str:
@@ -224,6 +462,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_manifold(args)
     if args.split != "all":
         raise CLIError("--split applies with --manifold only")
+    if args.select is not None:
+        raise CLIError("--select applies with --manifold only")
+    if args.base != "uniform":
+        raise CLIError(f"--base {args.base} is a source on the sphere: it needs --manifold sphere2 (flat flows "
+                       "choose theirs with --source)")
+    _base_request(args)  # (--base-components / --base-kappa-max without --base vmf)
     device = C.device_of(args.device)
     dataset = C.load_data(args.data, image_size=args.image_size)
     event_shape = tuple(C.data_sampler(dataset)(2, C.generator(0)).shape[1:])
@@ -262,4 +506,4 @@ register(Command("train", "train a flow-matching model (I-CFM / 1-RF, OT-CFM, Si
                              "A killed run continues where its last checkpoint (--ckpt-every) left it:  "
                              "the same command with --resume\n"
                              "On the sphere:  steerflow train --manifold sphere2 --data volcano --split train "
-                             "--seed 0 --out runs/volcano"))
+                             "--seed 0 --base vmf --out runs/volcano"))

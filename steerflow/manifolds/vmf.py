@@ -14,17 +14,31 @@ resultant length is ``E[μᵀx] = A(κ) = coth κ − 1/κ``. Sampling is exact:
 and the direction orthogonal to ``μ`` is uniform. A mixture ``Σ_k π_k f(x; μ_k, κ_k)`` is fitted by EM
 (Banerjee et al. 2005, "Clustering on the Unit Hypersphere using von Mises-Fisher Distributions"), whose
 M-step solves ``A(κ_k) = r̄_k`` exactly by Newton's method, or built as a kernel density estimate
-(one component per point, one ``κ``) with ``κ`` chosen on held-out points.
+(one component per point, one ``κ``) with ``κ`` chosen on held-out points;
+:meth:`VonMisesFisherMixture.fit_em_select` chooses the number of EM components and the concentration cap on
+held-out points. :meth:`~VonMisesFisherMixture.save` / :meth:`~VonMisesFisherMixture.load` store a mixture as
+``<name>.safetensors`` (float64 means, kappas, weights) and ``<name>.json`` (format and class), each written
+atomically; a reload is bit-for-bit the saved mixture.
 """
 from __future__ import annotations
 
 import math
-from typing import final
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, final
 
 import torch
 from torch import Tensor
 
+from ..models.pretrained import read_json, read_weights, write_json, write_weights
+
 _LOG_2PI = math.log(2 * math.pi)
+BASE_FORMAT = "steerflow.base"
+"""The ``format`` of a saved source distribution (:meth:`VonMisesFisherMixture.save`)."""
+BASE_VERSION = 1
+DEFAULT_COMPONENTS = (10, 30, 100, 300)
+"""The numbers of EM components :meth:`VonMisesFisherMixture.fit_em_select` tries by default."""
 
 
 def vmf_log_normaliser(kappa: Tensor) -> Tensor:
@@ -109,10 +123,11 @@ class VonMisesFisherMixture:
     # --- density --------------------------------------------------------------------------------
 
     def component_log_prob(self, x: Tensor) -> Tensor:
-        """``log π_k + log f(x_i; μ_k, κ_k)`` (b, K), in float64."""
+        """``log π_k + log f(x_i; μ_k, κ_k)`` (b, K), in float64, on ``x``'s device."""
         x = _check_points(x)
-        log_c = vmf_log_normaliser(self.kappas) + torch.log(self.weights)
-        return log_c + self.kappas * (x.double() @ self.means.T - 1)
+        means, kappas, weights = (p.to(x.device) for p in (self.means, self.kappas, self.weights))
+        log_c = vmf_log_normaliser(kappas) + torch.log(weights)
+        return log_c + kappas * (x.double() @ means.T - 1)
 
     def log_prob(self, x: Tensor, *, chunk: int = 4096) -> Tensor:
         """``log p(x)`` (b,) w.r.t. the area measure of ``S²``, returned in ``x``'s dtype. Points are
@@ -133,6 +148,33 @@ class VonMisesFisherMixture:
             raise ValueError(f"n must be an int ≥ 0, got {n!r}")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else \
             torch.zeros(0, dtype=torch.long)
+        return self._draw(k, generator, dtype=dtype, device=device)
+
+    def sample_given(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw per point of ``x`` (b, 3) from the component it belongs to: ``k ~ p(k | x_i)`` (the EM
+        responsibilities), then ``x_0 ~ vMF(μ_k, κ_k)``; returned in ``x``'s dtype and device.
+
+        Paired with their points, the draws make a coupling of the data and the mixture whose source marginal is
+        ``Σ_k (mean_i p(k | x_i)) vMF_k`` — the mixture itself when its weights are the mean responsibilities of
+        the data (an EM fixed point): a flow trained on these pairs only has to move each point within its own
+        component (:meth:`coupling`)."""
+        x = _check_points(x)
+        logits = torch.cat([self.component_log_prob(xb) for xb in torch.split(x, 4096)]).cpu()
+        k = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator)[:, 0] if x.shape[0] else \
+            torch.zeros(0, dtype=torch.long)
+        return self._draw(k, generator, dtype=x.dtype, device=x.device)
+
+    def coupling(self):
+        """A training coupling ``(x_0, x_1, labels=None, generator=None) -> (x_0', x_1)`` that replaces the source
+        draws by :meth:`sample_given` of the data batch (for ``steerflow.training.train(coupling=...)``, with
+        ``source=self.sample``)."""
+        def couple(x0: Tensor, x1: Tensor, labels=None, generator: torch.Generator | None = None):
+            return self.sample_given(x1, generator).to(x0.dtype), x1
+        return couple
+
+    def _draw(self, k: Tensor, generator: torch.Generator | None, *, dtype: torch.dtype, device) -> Tensor:
+        """One draw from component ``k[i]`` per entry (Wood's inverse CDF for ``w = μᵀx``, a uniform direction)."""
+        n = k.shape[0]
         mu, kappa = self.means[k], self.kappas[k]
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         small = kappa < 1e-8
@@ -201,6 +243,123 @@ class VonMisesFisherMixture:
                 break
             prev = cur
         return mix
+
+    @classmethod
+    def fit_em_select(cls, train: Tensor, held_out: Tensor | None = None,
+                      components: Sequence[int] = DEFAULT_COMPONENTS, kappa_max: Sequence[float] = (1e4,), *,
+                      seed: int = 0, iters: int = 100,
+                      held_out_fraction: float = 0.1) -> tuple[VonMisesFisherMixture, EMSelection]:
+        """The EM mixture on ``train`` with the lowest mean ``-log p`` on ``held_out`` over every ``K`` in
+        ``components`` (capped at the number of training points, duplicates dropped) and every cap in
+        ``kappa_max``. Each fit is :meth:`fit_em` with ``iters`` iterations and its own
+        ``torch.Generator().manual_seed(seed)``; the first of equal scores is kept.
+
+        Without ``held_out``: a single candidate pair is fitted on ``train`` with no choice (``held_out_nll`` is
+        None); several are chosen on a random ``held_out_fraction`` of ``train`` (at least one point, drawn with
+        ``torch.Generator().manual_seed(seed)``), fitted on the rest, and the chosen pair is then fitted again on
+        all of ``train``. Returns ``(mixture, EMSelection)``."""
+        train = _check_points(train)
+        ks = list(dict.fromkeys(min(int(k), train.shape[0]) for k in components))
+        caps = [float(c) for c in kappa_max]
+        if not ks or not caps or any(k < 1 for k in ks) or any(not c > 0 for c in caps):
+            raise ValueError(f"components must be ints ≥ 1 and kappa_max numbers > 0 (at least one of each), got "
+                             f"{list(components)} and {list(kappa_max)}")
+        candidates = tuple((k, c) for k in ks for c in caps)
+
+        def fit(x: Tensor, k: int, cap: float) -> VonMisesFisherMixture:
+            return cls.fit_em(x, min(k, x.shape[0]), iters=iters, kappa_max=cap,
+                              generator=torch.Generator().manual_seed(seed))
+
+        if held_out is None and len(candidates) == 1:
+            mix = fit(train, *candidates[0])
+            return mix, EMSelection(*candidates[0], held_out_nll=None, fitted=len(mix), candidates=candidates,
+                                    chosen_on=None)
+        chosen_on, fit_on = "held_out", train
+        if held_out is None:
+            if not 0 < held_out_fraction < 1 or train.shape[0] < 2:
+                raise ValueError(f"choosing among {len(candidates)} (K, kappa_max) pairs without held_out points "
+                                 f"needs held_out_fraction in (0, 1) and at least 2 training points, got "
+                                 f"{held_out_fraction} and {train.shape[0]}")
+            n_out = min(max(1, round(held_out_fraction * train.shape[0])), train.shape[0] - 1)
+            perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+            chosen_on, fit_on, held_out = "train_slice", train[perm[n_out:]], train[perm[:n_out]]
+        held_out = _check_points(held_out)
+        if held_out.shape[0] < 1:
+            raise ValueError("held_out must hold at least one point to choose the mixture on")
+        best = None
+        for k, cap in candidates:
+            mix = fit(fit_on, k, cap)
+            nll = float(-mix.log_prob(held_out.double()).mean())
+            if best is None or nll < best[0]:
+                best = (nll, min(k, fit_on.shape[0]), cap, mix)
+        nll, k, cap, mix = best
+        if fit_on is not train:
+            mix = fit(train, k, cap)
+        return mix, EMSelection(k, cap, held_out_nll=nll, fitted=len(mix), candidates=candidates,
+                                chosen_on=chosen_on)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, name: str = "base") -> Path:
+        """Write ``directory/<name>.safetensors`` (``means``, ``kappas``, ``weights`` in float64) and then
+        ``directory/<name>.json`` (format, class, number of components), each atomically; the JSON file, written
+        last, marks a complete pair (an older one is removed first). Returns the JSON file's path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        config = d / f"{name}.json"
+        config.unlink(missing_ok=True)
+        write_weights({"means": self.means, "kappas": self.kappas, "weights": self.weights},
+                      d / f"{name}.safetensors", fmt=BASE_FORMAT)
+        write_json({"format": BASE_FORMAT, "version": BASE_VERSION, "class": type(self).__name__,
+                    "manifold": "sphere2", "components": len(self), "tensors": f"{name}.safetensors"}, config)
+        return config
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, name: str = "base") -> VonMisesFisherMixture:
+        """The mixture :meth:`save` wrote into ``directory``, bit for bit. ``FileNotFoundError`` naming a missing
+        file, ``ValueError`` naming a corrupt one (bad JSON or safetensors, wrong format, class, keys, shapes or
+        dtypes, or parameters that are not a normalised mixture)."""
+        config = Path(directory) / f"{name}.json"
+        meta = read_json(config)
+        if not (isinstance(meta, dict) and meta.get("format") == BASE_FORMAT and isinstance(meta.get("tensors"), str)):
+            raise ValueError(f"corrupt {config}: not a {BASE_FORMAT} file with a 'tensors' entry")
+        if not isinstance(meta.get("version"), int) or meta["version"] > BASE_VERSION:
+            raise ValueError(f"{config} has version {meta.get('version')!r}; this steerflow reads <= {BASE_VERSION}")
+        if meta.get("class") != cls.__name__:
+            raise ValueError(f"{config} holds a {meta.get('class')!r}, not a {cls.__name__}")
+        path = config.parent / meta["tensors"]
+        t = read_weights(path)
+        K = t["means"].shape[0] if "means" in t and t["means"].ndim == 2 else -1
+        if (set(t) != {"means", "kappas", "weights"} or any(v.dtype != torch.float64 for v in t.values())
+                or t["means"].shape != (K, 3) or t["kappas"].shape != (K,) or t["weights"].shape != (K,)):
+            raise ValueError(f"corrupt {path}: expected float64 tensors means (K, 3), kappas (K,), weights (K,), got "
+                             f"{ {k: (tuple(v.shape), str(v.dtype)) for k, v in t.items()} }")
+        try:
+            mix = cls(t["means"], t["kappas"], t["weights"])
+        except ValueError as e:
+            raise ValueError(f"corrupt {path}: {e}") from None
+        # the stored parameters were normalised when fitted; keep their exact bits (normalising again may not)
+        if not (torch.allclose(mix.means, t["means"], rtol=0, atol=1e-12)
+                and torch.allclose(mix.weights, t["weights"], rtol=0, atol=1e-12)):
+            raise ValueError(f"corrupt {path}: the means are not unit vectors or the weights do not sum to 1")
+        mix.means, mix.kappas, mix.weights = t["means"], t["kappas"], t["weights"]
+        return mix
+
+
+@dataclass(frozen=True)
+class EMSelection:
+    """The mixture :meth:`VonMisesFisherMixture.fit_em_select` kept: ``components`` asked of EM (``fitted`` were
+    left after EM dropped empty ones), the concentration cap ``kappa_max``, the mean negative log-likelihood
+    ``held_out_nll`` (nats) of the points it was chosen on, ``candidates`` (the ``(K, κ_max)`` pairs tried) and
+    ``chosen_on``: ``"held_out"`` (the points given), ``"train_slice"`` (a slice of the training points, held out,
+    then the choice fitted on all of them) or None (one candidate, no choice)."""
+
+    components: int
+    kappa_max: float
+    held_out_nll: float | None
+    fitted: int
+    candidates: tuple[tuple[int, float], ...]
+    chosen_on: str | None
 
 
 def _check_points(x: Tensor) -> Tensor:

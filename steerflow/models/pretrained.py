@@ -15,7 +15,8 @@ registers when its package is imported (``tangent`` with :mod:`steerflow.manifol
 
 A training checkpoint (:func:`steerflow.training.save_checkpoint`, ``steerflow train``) stores the same spec
 under ``config.json["model"]`` (``{"name", "config"}``) beside ``model.safetensors`` and ``ema.safetensors``,
-so :func:`from_pretrained` reads a checkpoint directory or a training directory (its ``latest.json``) too: one
+so :func:`from_pretrained` reads a checkpoint directory or a training directory (its ``best.json`` where the run
+selected a checkpoint, else its ``latest.json``) too: one
 format for the API and the CLI. Checkpoints of ``steerflow train --manifold`` written before the model spec was
 stored there (``"model": {"name": null}``) are rebuilt from the ``network`` and ``manifold`` of the ``run.json``
 beside them.
@@ -41,6 +42,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FORMAT = "steerflow.checkpoint"  # (training checkpoints: steerflow.training.checkpoint)
 LATEST = "latest.json"
+BEST = "best.json"
 RUN_FILE = "run.json"
 
 REGISTRY: dict[str, type[nn.Module]] = {}
@@ -316,7 +318,7 @@ def _resolve(directory: str | os.PathLike) -> Path:
         raise ValueError(f"expected a model directory, got the file {p}")
     if (p / CONFIG_FILE).exists():
         return p
-    latest = p / LATEST
+    latest = p / BEST if (p / BEST).exists() else p / LATEST  # a run that selected a checkpoint names it in best.json
     if latest.exists():
         pointer = read_json(latest)
         if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):

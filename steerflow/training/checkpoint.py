@@ -8,6 +8,14 @@ Layout of a training directory ``out_dir``::
     out_dir/step-0000000k/ema.safetensors      EMA weights (when an EMA is kept)
     out_dir/step-0000000k/state.safetensors    optimiser tensors, RNG states, loss trace, extra tensors
     out_dir/step-0000000k/state.json           optimiser structure/scalars, extra JSON values
+    out_dir/base.json, out_dir/base.safetensors  the fitted source of the run, if any (``train --base vmf``)
+    out_dir/best.json               {"step": j, "checkpoint": "step-0000000j", "metric": ..., "scores": {...}}
+                                    (only where a run selects a checkpoint, e.g. by validation NLL)
+
+``latest.json`` names the last checkpoint: a resumed run continues from it (:func:`load_state`, :func:`read_config`).
+``best.json``, where a run keeps one (:func:`select_checkpoint`), names the checkpoint the run selected among the
+scored ones (the lowest score); :func:`load_checkpoint` of the training directory loads that one (``latest=True``:
+the last one). Its folder is kept when later checkpoints replace the others.
 
 A checkpoint directory is written under a temporary name and renamed into place, then ``latest.json``
 is replaced atomically (temp file + ``os.replace``): a crash at any moment leaves the previous
@@ -24,6 +32,7 @@ wrappers such as ``TangentVelocity`` included; weights are stored as the model's
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,15 +51,21 @@ from ..models.pretrained import (build_from_spec, load_checked, load_saved_state
 FORMAT = "steerflow.checkpoint"
 VERSION = 1
 LATEST = "latest.json"
+BEST = "best.json"
+"""The pointer to the checkpoint a run selected (:func:`select_checkpoint`), beside ``latest.json``."""
 LOG = "log.jsonl"
 """The training log beside the checkpoints: a JSON line every few steps (``train``, the straightening fits)."""
+BASE_NAME = "base"
+"""``base.json`` / ``base.safetensors``: the fitted source a run was trained from, beside its checkpoints."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: rebuilt ``model`` (and ``ema_model`` or None), the stored ``config`` dict
     (``{"model": {"name", "config"}, "training": {...}, "step": k, ...}``), the ``step``, the directory
-    it came from, and the ``extra`` values saved with it (tensors and JSON values)."""
+    it came from, the ``extra`` values saved with it (tensors and JSON values), and the ``base``: the fitted
+    source the model was trained from (a :class:`~steerflow.manifolds.VonMisesFisherMixture` saved as
+    ``base.json`` in the training directory, e.g. by ``steerflow train --base vmf``), or None."""
 
     model: nn.Module
     ema_model: nn.Module | None
@@ -58,6 +73,7 @@ class Checkpoint:
     step: int
     path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    base: Any = None
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -90,7 +106,7 @@ def checkpoint_dir_name(step: int) -> str:
 
 def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = None,
                     optimizer: torch.optim.Optimizer | None = None, config: dict[str, Any], step: int,
-                    extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
+                    extra: dict[str, Any] | None = None, keep: int = 1, update_latest: bool = True) -> Path:
     """Write a checkpoint for ``step`` under ``out_dir`` atomically and point ``latest.json`` at it.
 
     Args:
@@ -104,7 +120,10 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
         step: number of completed optimiser steps.
         extra: additional values: tensors go to ``state.safetensors`` (key ``extra.<name>``), anything
             else must be JSON-serialisable and goes to ``state.json``.
-        keep: number of most recent checkpoint directories to keep (older ones are deleted).
+        keep: number of most recent checkpoint directories to keep (older ones are deleted; the folders
+            ``latest.json`` and ``best.json`` name are kept too).
+        update_latest: point ``latest.json`` at the new folder (False: write the folder only, e.g. an earlier
+            state a run selects with :func:`select_checkpoint`; a resumed run still continues from the latest).
 
     Returns:
         The checkpoint directory ``out_dir/step-<step>``.
@@ -157,29 +176,95 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, *, ema: Any = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json({"step": step, "checkpoint": final.name}, out / LATEST)
+    if update_latest:
+        write_json({"step": step, "checkpoint": final.name}, out / LATEST)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    olds = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name != final.name)
+    _prune(out, final.name, keep)
+    return final
+
+
+def _pointed(pointer: Path) -> str | None:
+    """The folder name a pointer file (``latest.json``, ``best.json``) names, or None (absent or unreadable)."""
+    try:
+        name = json.loads(pointer.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _prune(out: Path, newest: str, keep: int) -> None:
+    """Delete the ``step-*`` folders of ``out`` but ``newest``, the ``keep - 1`` most recent others and the ones
+    ``latest.json`` and ``best.json`` name."""
+    spared = {newest, _pointed(out / LATEST), _pointed(out / BEST)}
+    olds = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name not in spared)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
+
+
+def select_checkpoint(out_dir: str | os.PathLike, scores: dict[int, float], *, metric: str,
+                      keep: int = 1) -> int:
+    """Point ``out_dir/best.json`` at the checkpoint with the lowest of ``scores`` (``{step: score}``, the earliest
+    step among equal scores; NaN counts as +inf) and return its step; ``best.json`` records ``metric`` and every
+    score (null where it is not finite). The folder ``step-k`` of the chosen step must exist. Folders neither pointer names are pruned as by
+    :func:`save_checkpoint` with ``keep``. :func:`load_checkpoint` of ``out_dir`` then loads the chosen checkpoint,
+    while a resumed run continues from ``latest.json``'s."""
+    if not scores:
+        raise ValueError("select_checkpoint needs at least one score")
+    for k in scores:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"scores must be keyed by non-negative int steps, got {k!r}")
+    out = Path(out_dir)
+
+    def key(k: int) -> tuple[float, int]:
+        v = float(scores[k])
+        return (v if v == v else math.inf, k)
+
+    best = min(scores, key=key)
+    folder = out / checkpoint_dir_name(best)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"cannot select step {best}: {folder} holds no checkpoint")
+    write_json({"step": best, "checkpoint": folder.name, "metric": metric,
+                "scores": {str(k): _finite_or_none(scores[k]) for k in sorted(scores)}}, out / BEST)
+    _prune(out, folder.name, keep)
+    return best
+
+
+def _finite_or_none(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def read_selection(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``out_dir/best.json`` as ``{"step", "checkpoint", "metric", "scores": {step (int): score}}``, or None when
+    the run selects none (a null score reads as +inf); ``ValueError`` naming the file when it is corrupt."""
+    path = Path(out_dir) / BEST
+    if not path.exists():
+        return None
+    d = _read_json(path)
+    try:
+        scores = {int(k): math.inf if v is None else float(v) for k, v in d["scores"].items()}
+        return {"step": int(d["step"]), "checkpoint": str(d["checkpoint"]), "metric": d.get("metric"),
+                "scores": scores}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"corrupt checkpoint pointer {path}: {type(e).__name__}: {e}") from None
 
 
 def remove_stale(out_dir: str | os.PathLike) -> list[Path]:
     """Remove what killed checkpoint writes left in ``out_dir``; return the paths removed.
 
-    ``.tmp-step-*`` (a checkpoint folder not yet renamed into place) and ``.latest.json.*.tmp`` (a pointer
-    not yet renamed) are deleted. A ``.old-step-k-<pid>`` folder (a checkpoint of the same step moved aside
-    while it was being replaced) is deleted when ``step-k`` exists, else moved back to ``step-k`` (the write
-    was killed between the two renames, and ``latest.json`` may still point at it). Call it only when no
-    other process writes into ``out_dir``.
+    ``.tmp-step-*`` (a checkpoint folder not yet renamed into place) and ``.latest.json.*.tmp`` /
+    ``.best.json.*.tmp`` (a pointer not yet renamed) are deleted. A ``.old-step-k-<pid>`` folder (a checkpoint of
+    the same step moved aside while it was being replaced) is deleted when ``step-k`` exists, else moved back to
+    ``step-k`` (the write was killed between the two renames, and ``latest.json`` may still point at it). Call it
+    only when no other process writes into ``out_dir``.
     """
     out = Path(out_dir)
     if not out.is_dir():
         return []
     removed = []
-    for p in sorted(out.glob(".tmp-step-*")) + sorted(out.glob(f".{LATEST}.*.tmp")):
+    for p in (sorted(out.glob(".tmp-step-*")) + sorted(out.glob(f".{LATEST}.*.tmp"))
+              + sorted(out.glob(f".{BEST}.*.tmp"))):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -225,8 +310,9 @@ def cut_log(path: str | os.PathLike, step: int) -> None:
 
 
 # --- reading ---------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from either itself or a training directory holding ``latest.json``."""
+def resolve_checkpoint(path: str | os.PathLike, *, selected: bool = False) -> Path:
+    """A checkpoint directory from either itself or a training directory: the one its ``latest.json`` names, or
+    with ``selected`` the one its ``best.json`` names where the run selected one (:func:`select_checkpoint`)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint: {p} does not exist")
@@ -236,7 +322,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise ValueError(f"expected a checkpoint directory or a training directory, got the file {p}")
     if (p / "config.json").exists():
         return p
-    latest = p / LATEST
+    latest = p / BEST if selected and (p / BEST).exists() else p / LATEST
     if not latest.exists():
         raise FileNotFoundError(f"no checkpoint in {p}: neither {p / 'config.json'} nor {latest} exists")
     pointer = _read_json(latest)
@@ -302,26 +388,29 @@ def _config_diff(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu", model_name: str | None = None,
-                    expect_config: dict[str, Any] | None = None) -> Checkpoint:
+                    expect_config: dict[str, Any] | None = None, latest: bool = False) -> Checkpoint:
     """Rebuild the model (and EMA model) stored at ``path`` and load their weights, in eval mode.
 
     The model is rebuilt from the spec in ``config.json`` (wrappers such as ``TangentVelocity`` included; for a
     ``steerflow train --manifold`` checkpoint from before the spec was stored there, from its ``run.json``) and
     takes the dtype its weights were saved in. :func:`steerflow.models.from_pretrained` reads the same folders.
+    The run's fitted source, when it saved one, is loaded as ``base`` (:func:`load_base`).
 
     Args:
-        path: a checkpoint directory ``.../step-k`` or a training directory (its ``latest.json``).
+        path: a checkpoint directory ``.../step-k`` or a training directory: the checkpoint its ``best.json``
+            names where the run selected one (e.g. ``steerflow train --select val``), else its ``latest.json``'s.
         device: where the tensors are loaded.
         model_name: if given, the stored model class must equal it (``ValueError`` otherwise).
         expect_config: if given, every key must equal the stored model config; the differing keys are
             named in the ``ValueError``.
+        latest: load ``latest.json``'s checkpoint even where ``best.json`` selects another.
 
     Raises:
         FileNotFoundError: the directory or one of its files is missing (named).
         ValueError: a corrupt file (``"corrupt checkpoint file ..."``), a config mismatch, or weights
             whose names/shapes do not fit the rebuilt model (the keys are named).
     """
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, selected=not latest)
     meta = read_config(ckpt)
     _, spec, _ = read_model_config(ckpt)  # the stored spec (or, for older manifold runs, the one in run.json)
     name, mconfig = (spec["class"], spec["config"]) if spec is not None else (None, None)
@@ -348,7 +437,21 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     model = rebuild(meta["files"]["model"], "weights")
     ema_model = rebuild(meta["files"]["ema"], "EMA weights") if "ema" in meta["files"] else None
     extra = load_extra(ckpt)
-    return Checkpoint(model=model, ema_model=ema_model, config=meta, step=int(meta["step"]), path=ckpt, extra=extra)
+    return Checkpoint(model=model, ema_model=ema_model, config=meta, step=int(meta["step"]), path=ckpt, extra=extra,
+                      base=load_base(ckpt))
+
+
+def load_base(path: str | os.PathLike) -> Any:
+    """The fitted source saved with the checkpoint at ``path`` (``base.json`` in the checkpoint directory, else in
+    the training directory holding it), or None when there is none. ``FileNotFoundError`` / ``ValueError`` name a
+    missing or corrupt file of it."""
+    from ..manifolds.vmf import VonMisesFisherMixture
+
+    ckpt = resolve_checkpoint(path)
+    for folder in (ckpt, ckpt.parent):
+        if (folder / f"{BASE_NAME}.json").exists():
+            return VonMisesFisherMixture.load(folder, BASE_NAME)
+    return None
 
 
 def load_extra(path: str | os.PathLike, device: str | torch.device = "cpu", *,

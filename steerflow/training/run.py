@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import BASE_NAME
+
 RUN_FILE = "run.json"
+BASE_FILE = f"{BASE_NAME}.json"
+"""The fitted source of a run (a :class:`~steerflow.manifolds.VonMisesFisherMixture`), beside ``run.json`` with
+its tensors in ``base.safetensors``."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,18 @@ class RunInfo:
     the split was recorded: all of it; ``"train"``: the 80 % part of the 80/10/10 split drawn with
     ``split_seed``), and ``data_points`` / ``data_sha256`` which data that was, so the split is drawn again from
     the checkpoint alone and ``eval`` can tell held-out points from trained ones.
+
+    ``base`` is None when the flow was trained from the manifold's own base distribution (``M.random_base``; every
+    run before fitted bases existed), else the record of the fitted source saved beside the checkpoints as
+    ``base.json`` + ``base.safetensors`` (:data:`BASE_FILE`): ``{"name": "vmf", "file": "base.json", ...}`` with
+    how it was chosen (``steerflow train --base vmf``). :func:`load_run` then loads it as ``LoadedRun.base``.
+
+    ``selection`` is None when the run's model is its last checkpoint, else how the run chose among its checkpoints
+    (``steerflow train --select val``): ``{"metric": "val_nll", "weights": "ema" | "model", "ode": {...},
+    "selected_step": k, "val_nll": {"<step>": nll, ...}}``, the validation NLL of the scored weights at step 0 and
+    at every checkpoint (null where it is not finite), ``selected_step`` the lowest (``selected_step`` and the curve are filled in when the run
+    ends; ``best.json`` beside the checkpoints holds them as it goes, see
+    :func:`~steerflow.training.checkpoint.select_checkpoint`).
     """
 
     data: str | None = None
@@ -56,6 +73,8 @@ class RunInfo:
     split_seed: int | None = None
     data_points: int | None = None
     data_sha256: str | None = None
+    base: dict | None = None
+    selection: dict | None = None
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/run.json`` atomically."""
@@ -113,19 +132,29 @@ class LoadedRun:
     """A model restored from a training directory with its :class:`RunInfo`.
 
     ``manifold`` is the :class:`~steerflow.manifolds.AbstractManifold` of a flow trained on one (the model is
-    then a ``TangentVelocity``; sample from ``manifold.random_base`` with ``geometry=manifold``), else None.
+    then a ``TangentVelocity``; sample with ``geometry=manifold``), else None. ``base`` is the fitted source the
+    flow was trained from (a :class:`~steerflow.manifolds.VonMisesFisherMixture`: sample ``x_0`` with
+    ``base.sample`` and score with ``base_log_prob=base.log_prob``), or None: the source is
+    ``manifold.random_base`` (``manifold.base_log_prob``), or ``info.source`` for a flat flow.
     """
 
     model: nn.Module
     info: RunInfo
     directory: Path
     manifold: Any = None
+    base: Any = None
 
 
 def load_run(directory: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu",
-             info: RunInfo | None = None) -> LoadedRun:
+             info: RunInfo | None = None, latest: bool = False) -> LoadedRun:
     """The model of the run in ``directory`` (EMA weights when the checkpoint kept them and ``ema``), in eval
-    mode, with its ``run.json`` (``info``, read from ``directory`` when not given).
+    mode, with its ``run.json`` (``info``, read from ``directory`` when not given). The checkpoint is the one the
+    run selected (``best.json``, see :class:`RunInfo`'s ``selection``) where it selected one, else its last;
+    ``latest=True``: its last one always.
+
+    The fitted source saved with the run (``base.json``, see :class:`RunInfo`) is loaded as ``base`` unless a
+    ``run.json`` records none; a ``run.json`` that records one whose files are missing raises
+    ``FileNotFoundError``.
 
     Raises what :func:`~steerflow.training.load_checkpoint` raises (``FileNotFoundError`` for missing files,
     ``ValueError`` for corrupt ones or weights that do not fit) and ``ValueError`` for a corrupt ``run.json``.
@@ -136,7 +165,7 @@ def load_run(directory: str | os.PathLike, *, ema: bool = True, device: torch.de
 
     d = Path(directory)
     info = RunInfo.load(d) if info is None else info
-    ckpt = load_checkpoint(d, device=device)
+    ckpt = load_checkpoint(d, device=device, latest=latest)
     model = ckpt.ema_model if (ema and ckpt.ema_model is not None) else ckpt.model
     model.to(device).eval()
     manifold = None
@@ -144,7 +173,13 @@ def load_run(directory: str | os.PathLike, *, ema: bool = True, device: torch.de
         manifold = model.manifold
     elif info.manifold is not None:
         manifold = get_manifold(info.manifold)
-    return LoadedRun(model=model, info=info, directory=d, manifold=manifold)
+    base = ckpt.base
+    if info.base is not None and base is None:
+        raise FileNotFoundError(f"{d / RUN_FILE} records a fitted base ({info.base.get('name')!r}), but "
+                                f"{d / BASE_FILE} is missing")
+    if info.base is None and (d / RUN_FILE).is_file():
+        base = None  # its run.json says the run used the manifold's own base distribution
+    return LoadedRun(model=model, info=info, directory=d, manifold=manifold, base=base)
 
 
-__all__ = ["RUN_FILE", "RunInfo", "LoadedRun", "load_run", "write_json"]
+__all__ = ["RUN_FILE", "BASE_FILE", "RunInfo", "LoadedRun", "load_run", "write_json"]
