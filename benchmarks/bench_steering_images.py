@@ -30,9 +30,13 @@ one seeded mask), ×4 super-resolution (4×4 average pooling), Gaussian deblur (
 (length 9 at 45°), denoising. Methods: ``steerflow.steering.tasks.INVERSE_METHODS`` by default (unguided,
 FlowChef, DPS, DDS, EnKG with 8 particles per image, OT-ODE, PnP-Flow, steerflow's default), all through the
 one ``steerflow.sample`` loop (``--steps`` Euler steps). Tuning rule, the same for every method with a
-strength: per task, the value of ``TUNE_GRID[method]`` (a log grid holding the method's default) with the best
-mean PSNR over the validation crops at both noise levels; methods without a strength (unguided, DDS) run as
-they are.
+strength: per task, the value of ``TUNE_GRID[method]`` (a log grid holding the method's default; FlowChef: inner
+steps × step size) with the best mean PSNR over the validation crops at both noise levels; methods without a
+strength (unguided, DDS) run as they are.
+
+Summary (end of ``<out>.md``, ``summary()``): each method's mean PSNR over all cells; whether the default is the
+method to pick (best mean PSNR, within 0.3 dB of the best method in every cell, ≤ 1.5× unguided time and
+≤ 1.2× unguided peak memory); FlowChef against DPS per cell (ΔPSNR, speed-up, memory ratio).
 
 Metrics: PSNR and SSIM per test image (outputs clipped to [-1, 1], data range 2; SSIM with the 11×11
 Gaussian window, σ = 1.5, valid positions, population covariances — what
@@ -51,6 +55,8 @@ then each method's output in ``methods`` order) and ``<out>_grid_rows.pt`` (the 
 
 Reproduce:  python benchmarks/bench_steering_images.py                 (prepared; see benchmarks/README.md)
             python benchmarks/bench_steering_images.py --tasks box,freeform --merge   (a part; others merged in)
+            python benchmarks/bench_steering_images.py --tasks box --out /tmp/a  (parts side by side, then)
+            python benchmarks/bench_steering_images.py --tasks '' --merge-from /tmp/a,/tmp/b
             python benchmarks/bench_steering_images.py --quick --out /tmp/x   (smoke run, ≈ 1-2 min)
 """
 from __future__ import annotations
@@ -75,6 +81,7 @@ from steerflow.data.photos import CROP_SPLITS, photo_crops
 from steerflow.metrics.cost import Cost
 from steerflow.metrics.distances import energy_distance
 from steerflow.metrics.image import psnr, ssim
+from steerflow.steering import get_guidance
 from steerflow.steering.tasks import INVERSE_METHODS, METHODS, build_method, build_task
 from steerflow.training import load_checkpoint
 
@@ -104,12 +111,15 @@ TASKS = {
 TASK_NAMES = {"box": "box inpaint (16×16)", "freeform": "free-form inpaint", "random70": "random 70 % missing",
               "sr4": "×4 super-res", "deblur_gauss": "Gaussian deblur", "deblur_motion": "motion deblur",
               "denoise": "denoise"}
-TUNE_GRID = {"flowchef": (4.0, 2.0, 1.0, 0.5, 0.2, 0.1), "dps": (4.0, 2.0, 1.0, 0.5, 0.2, 0.05),
+FLOWCHEF_GRID = tuple({"n_inner": k, "step_size": s, "schedule": "constant"}
+                      for k in (1, 5) for s in (2.0, 1.0, 0.5, 0.2, 0.1))
+"""FlowChef's knobs: inner gradient steps per grid step (``v`` held fixed: no network call) and step size."""
+TUNE_GRID = {"flowchef": FLOWCHEF_GRID, "dps": (4.0, 2.0, 1.0, 0.5, 0.2, 0.05),
              "enkg": (1.0, 0.5, 0.2, 0.05, 0.01), "otode": (8.0, 4.0, 2.0, 1.0, 0.5),
-             "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5),
+             "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (4.0, 2.0, 1.5, 1.0, 0.5),
              "lookahead": (2.0, 1.0, 0.5, 0.2, 0.05), "dreamguider": (4.0, 2.0, 1.0, 0.5, 0.2)}
-"""Log grids of each method's main strength (``build_method``'s ``scale``: FlowChef's and PnP-Flow's step
-size, the others' guidance scale), each holding the method's default."""
+"""Log grids of each method's main strength (``build_method``'s ``scale``: PnP-Flow's step size, the default's
+relaxation at t = 0, the others' guidance scale; FlowChef: keyword dicts), each holding the method's default."""
 TRAIN = {"unet_width": 16, "steps": 2500, "batch": 32, "lr": 1e-3, "warmup": 100, "ema": 0.998}
 """The real run's ``steerflow train`` settings (≈ 45 min on this 2-core machine; see the module docstring)."""
 TRAIN_QUICK = {"unet_width": 8, "steps": 20, "batch": 16, "lr": 1e-3, "warmup": 2, "ema": 0.9}
@@ -204,7 +214,10 @@ def run_inverse(model, x_true, task, noise, method, steps, seed, device, *, scal
     y_run = y.repeat_interleave(reps, 0)
 
     def solve(n_steps=steps):
-        guidance = build_method(method, op, y_run, noise, scale=scale, ensemble_size=ENKG_ENSEMBLE)
+        if isinstance(scale, dict):  # FlowChef's keyword settings
+            guidance = get_guidance(method, op, y_run, noise, **scale)
+        else:
+            guidance = build_method(method, op, y_run, noise, scale=scale, ensemble_size=ENKG_ENSEMBLE)
         x0 = torch.randn(n * reps, *shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
         gen = torch.Generator(device=device).manual_seed(seed + 2)
         cost = Cost()
@@ -231,6 +244,13 @@ def run_inverse(model, x_true, task, noise, method, steps, seed, device, *, scal
             "particles_per_image": reps, "strength": scale, "output": out[::reps].cpu(), "measurement": y.cpu()}
 
 
+def strength_label(value) -> str:
+    """A grid value as text: a number, or ``k=…,s=…`` for FlowChef's keyword settings."""
+    if isinstance(value, dict):
+        return f"k={value['n_inner']},s={value['step_size']:g}"
+    return "—" if value is None else f"{value:g}"
+
+
 def mean_se(values) -> tuple[float, float]:
     """Mean and standard error ``s / √n`` (``s`` with ``n − 1``); 0 for a single value."""
     a = np.asarray(values, dtype=np.float64)
@@ -246,8 +266,10 @@ def tune(model, x_val, tasks, methods, noises, steps, device, grid) -> tuple[dic
         for m in methods:
             if m not in grid:
                 continue
-            scores = {}
+            scores, values = {}, {}
             for value in grid[m]:
+                label = strength_label(value)
+                values[label] = value
                 try:
                     score = float(np.mean([np.mean(run_inverse(model, x_val, task, noise, m, steps, seed=7,
                                                                 device=device, scale=value,
@@ -255,12 +277,12 @@ def tune(model, x_val, tasks, methods, noises, steps, device, grid) -> tuple[dic
                                            for noise in noises]))
                 except FloatingPointError:  # the solve diverged at this strength
                     score = float("-inf")
-                scores[value] = score if np.isfinite(score) else float("-inf")
+                scores[label] = score if np.isfinite(score) else float("-inf")
             best = max(scores, key=scores.get)  # first of equal scores wins (grid order)
-            chosen[task][m] = best
-            table[task][m] = {f"{k:g}": round(v, 3) for k, v in scores.items()}
-            print(f"  tune {task:13s} {m:9s} " + " ".join(f"{k:g}:{v:.2f}" for k, v in scores.items())
-                  + f" -> {best:g}", flush=True)
+            chosen[task][m] = values[best]
+            table[task][m] = {k: round(v, 3) for k, v in scores.items()}
+            print(f"  tune {task:13s} {m:9s} " + " ".join(f"{k}:{v:.2f}" for k, v in scores.items())
+                  + f" -> {best}", flush=True)
     return chosen, table
 
 
@@ -280,8 +302,12 @@ def write_grid(rows: list[torch.Tensor], path: Path, zoom: int = 3) -> None:
 
 
 def write_markdown(res: dict, path: Path) -> None:
+    timed = path.with_name(path.stem + "_timing.json")
+    if timed.exists():
+        res = {**res, "timing": json.loads(timed.read_text())}
     L = ["# Steering a learned 32×32 image prior (issue 17)", "",
-         f"Reproduce: `{res['command']}`", "", res["setup"], ""]
+         f"Reproduce: `{res['command']}`"
+         + "".join(f", then `{u['command']}`" for u in res.get("updates", [])), "", res["setup"], ""]
     q = res["unguided_quality"]
     tr = res["training"]
     L += ["## Prior", "",
@@ -307,14 +333,119 @@ def write_markdown(res: dict, path: Path) -> None:
                 r = res["cells"][f"{task}@{noise}"][m]
                 t = "—" if r["time_vs_unguided"] is None else f"{r['time_vs_unguided']:.2f}"
                 mem = "—" if r["memory_vs_unguided"] is None else f"{r['memory_vs_unguided']:.2f}"
-                st = "—" if r["strength"] is None else f"{r['strength']:g}"
+                st = strength_label(r["strength"])
                 L.append(f"| {TASK_NAMES[task]} | {m} | {r['psnr']:.2f} ± {r['psnr_se']:.2f} | "
                          f"{r['ssim']:.3f} ± {r['ssim_se']:.3f} | {t} | {mem} | "
                          f"{r['nfe']} / {r['vjp']} / {r['operator_calls']} | {st} |")
         L.append("")
     L += [f"Figure: [{res['grid_png']}]({res['grid_png']}) — per task at σ = {res['noises'][-1]}, one test crop per "
           f"row: truth, measurement, then {', '.join(methods)}.", ""]
+    L += summary_lines(res)
     path.write_text("\n".join(L))
+
+
+def summary(res: dict) -> dict:
+    """The issue's two questions: is the default the method to pick (best mean PSNR, within 0.3 dB of the best
+    method in every cell, ≤ 1.5× unguided time, ≤ 1.2× unguided memory), and FlowChef against DPS."""
+    cells, methods = res["cells"], [m for m in res["methods"] if m != "unguided"]
+    keys = [f"{t}@{n}" for n in res["noises"] for t in res["tasks"]]
+    mean_psnr = {m: float(np.mean([cells[k][m]["psnr"] for k in keys])) for m in methods}
+    out = {"mean_psnr": mean_psnr}
+    if "default" in methods:
+        gaps = {k: max(cells[k][m]["psnr"] for m in methods) - cells[k]["default"]["psnr"] for k in keys}
+        times = [cells[k]["default"]["time_vs_unguided"] for k in keys]
+        if res.get("timing"):  # re-timed alone (--timing): these ratios, not the side-by-side ones
+            times = [c["default_vs_unguided"] for c in res["timing"]["cells"].values()]
+        mems = [cells[k]["default"]["memory_vs_unguided"] for k in keys]
+        out["default"] = {
+            "best_mean": max(mean_psnr, key=mean_psnr.get) == "default", "max_gap_db": max(gaps.values()),
+            "worst_cell": max(gaps, key=gaps.get), "gaps_db": gaps,
+            "max_time_vs_unguided": None if None in times else max(times),
+            "max_memory_vs_unguided": None if None in mems else max(mems)}
+        d = out["default"]
+        d["met"] = bool(d["best_mean"] and d["max_gap_db"] <= 0.3
+                        and d["max_time_vs_unguided"] is not None and d["max_time_vs_unguided"] <= 1.5
+                        and d["max_memory_vs_unguided"] is not None and d["max_memory_vs_unguided"] <= 1.2)
+    if "flowchef" in methods and "dps" in methods:
+        rows = {}
+        for k in keys:
+            f, p = cells[k]["flowchef"], cells[k]["dps"]
+            speed = p["seconds_per_image"] / f["seconds_per_image"]
+            mem = (None if f["peak_bytes_per_image"] is None or not p["peak_bytes_per_image"]
+                   else f["peak_bytes_per_image"] / p["peak_bytes_per_image"])
+            dpsnr = f["psnr"] - p["psnr"]
+            rows[k] = {"dpsnr_db": dpsnr, "speedup": speed, "memory_ratio": mem,
+                       "met": bool(dpsnr >= -0.5 and speed >= 1.5 and mem is not None and mem < 1.0)}
+        out["flowchef_vs_dps"] = rows
+    return out
+
+
+def summary_lines(res: dict) -> list[str]:
+    s = summary(res)
+    timed = res.get("timing")
+    L = ["## Summary", "", "Mean PSNR over every task and noise level: "
+         + ", ".join(f"{m} {v:.2f}" for m, v in sorted(s["mean_psnr"].items(), key=lambda kv: -kv[1])) + " dB.", ""]
+    d = s.get("default")
+    if d:
+        t = "—" if d["max_time_vs_unguided"] is None else f"{d['max_time_vs_unguided']:.2f}×"
+        mem = "—" if d["max_memory_vs_unguided"] is None else f"{d['max_memory_vs_unguided']:.2f}×"
+        L += [f"Default (issue 17, item 3: best mean PSNR, within 0.3 dB of the best method in every cell, ≤ 1.5× "
+              f"unguided time, ≤ 1.2× unguided memory): best mean {'yes' if d['best_mean'] else 'no'}; largest gap to "
+              f"the best method {d['max_gap_db']:.2f} dB ({d['worst_cell']}); time up to {t}, memory up to {mem} "
+              f"of unguided — **{'met' if d['met'] else 'not met'}**.", ""]
+        if timed:
+            ratios = [c["default_vs_unguided"] for c in timed["cells"].values()]
+            L += [f"The per-cell times above may come from benchmark processes running side by side; re-timed alone "
+                  f"(`--timing`: {timed['protocol']}), the default takes {min(ratios):.2f}–{max(ratios):.2f}× the "
+                  f"unguided time (" + ", ".join(f"{k} {c['default_vs_unguided']:.2f}×"
+                                                  for k, c in timed["cells"].items()) + ").", ""]
+    rows = s.get("flowchef_vs_dps")
+    if rows:
+        L += ["FlowChef vs DPS (item 4: within 0.5 dB at ≥ 1.5× speed and less memory):", "",
+              "| cell | ΔPSNR FlowChef − DPS | speed-up | memory FlowChef / DPS | met |", "|---|---|---|---|---|"]
+        for k, r in rows.items():
+            mem = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+            L.append(f"| {k} | {r['dpsnr_db']:+.2f} dB | {r['speedup']:.2f}× | {mem} | {'yes' if r['met'] else 'no'} |")
+        L.append("")
+    return L
+
+
+def update_previous(out: Path, args, methods, tasks, cells, chosen, table, outputs_by_task) -> dict:
+    """``<out>.json`` with the cells, strengths and figure rows of ``methods`` on ``tasks`` replaced by this run's
+    (the other methods' cells kept; time and memory ratios against the stored unguided cells); ``--update``."""
+    prev_path = out.with_suffix(".json")
+    if not prev_path.exists():
+        raise SystemExit(f"--update: no {prev_path} to update")
+    prev = json.loads(prev_path.read_text())
+    same = ("quick", "rgb", "steps", "n_test", "n_val", "no_tune", "device")
+    diff = [k for k in same if prev["config"].get(k) != vars(args).get(k)]
+    extra = [m for m in methods if m not in prev["methods"]] + [t for t in tasks if t not in prev["tasks"]]
+    if diff or extra or "unguided" in methods:
+        why = ", ".join(diff) or (f"{', '.join(extra)} not in it" if extra else "unguided is the reference")
+        raise SystemExit(f"--update: {prev_path} cannot take this run ({why})")
+    for key, new in cells.items():
+        base = prev["cells"][key]["unguided"]
+        for m, r in new.items():
+            r["time_vs_unguided"] = r["seconds_per_image"] / base["seconds_per_image"]
+            ok = base["peak_bytes_per_image"] and r["peak_bytes_per_image"] is not None
+            r["memory_vs_unguided"] = r["peak_bytes_per_image"] / base["peak_bytes_per_image"] if ok else None
+            prev["cells"][key][m] = r
+    for task in tasks:
+        for m in methods:
+            if m in chosen.get(task, {}):
+                prev["strength"][task][m] = chosen[task][m]
+                prev["tuning"][task][m] = table[task][m]
+    rows_path = out.with_name(out.name + "_grid_rows.pt")
+    rows = torch.load(rows_path, weights_only=True) if rows_path.exists() else {}
+    for task, outs in outputs_by_task.items():
+        if task in rows:
+            for m, o in outs.items():
+                rows[task][2 + prev["methods"].index(m)] = o[0]
+    prev.setdefault("updates", []).append(
+        {"methods": methods, "tasks": tasks, "command": "python benchmarks/bench_steering_images.py --update "
+         f"--methods {','.join(methods)} --tasks {','.join(tasks)} --steps {args.steps}"})
+    prev["_rows"] = {t: r.contiguous() for t, r in rows.items()}
+    return prev
 
 
 def merge_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_rows, rows_path):
@@ -322,6 +453,11 @@ def merge_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_r
     prev_path = out.with_suffix(".json")
     if not prev_path.exists():
         return tasks, chosen, table
+    return merge_part(prev_path, rows_path, args, methods, tasks, cells, chosen, table, grid_rows)
+
+
+def merge_part(prev_path: Path, rows_path: Path, args, methods, tasks, cells, chosen, table, grid_rows):
+    """Add the tasks of the result file ``prev_path`` that are not in ``tasks`` (in place); the merged task list."""
     prev = json.loads(prev_path.read_text())
     same = ("quick", "rgb", "steps", "n_test", "n_val", "no_tune", "device")
     diff = [k for k in same if prev["config"].get(k) != vars(args).get(k)]
@@ -337,6 +473,36 @@ def merge_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_r
         if task in old_rows:
             grid_rows[task] = old_rows[task]
     return [t for t in TASKS if t in tasks or t in prev["tasks"]], chosen, table
+
+
+def timing(out: Path, ckpt: Path, device: str, n_images: int = 32, repeats: int = 3) -> dict:
+    """Interleaved wall times of unguided, default and PnP-Flow solves at the strengths stored in ``<out>.json``
+    (fastest of ``repeats`` each, ``n_images`` test crops; σ = 0.05, and both σ for the deblur tasks, whose
+    conjugate gradients depend on it): the time ratios without a second process beside them. Written to
+    ``<out>_timing.json`` and quoted in the summary."""
+    res = json.loads(out.with_suffix(".json").read_text())
+    model, _ = get_prior(ckpt, TRAIN, res["config"]["rgb"], torch.get_num_threads(), device)
+    x = photo_crops(split="test", rgb=res["config"]["rgb"], min_std=MIN_STD, max_crops=n_images,
+                    generator=torch.Generator().manual_seed(0))
+    methods = [m for m in ("unguided", "default", "pnpflow") if m in res["methods"]]
+    cells = {}
+    for task in res["tasks"]:
+        for noise in res["noises"] if task.startswith("deblur") else res["noises"][-1:]:
+            best = {m: float("inf") for m in methods}
+            for _ in range(repeats):
+                for m in methods:
+                    r = run_inverse(model, x, task, noise, m, res["config"]["steps"], seed=0, device=device,
+                                    scale=res["strength"][task].get(m), measure_memory=False)
+                    best[m] = min(best[m], r["seconds_per_image"])
+            cells[f"{task}@{noise}"] = {**{f"seconds_per_image_{m}": v for m, v in best.items()},
+                                        **{f"{m}_vs_unguided": best[m] / best["unguided"] for m in methods}}
+            print(f"  timing {task}@{noise}: " + ", ".join(f"{m} {best[m] / best['unguided']:.2f}×" for m in methods),
+                  flush=True)
+    result = {"protocol": f"interleaved {', '.join(methods)} solves of {n_images} test crops at the tuned "
+                          f"strengths, fastest of {repeats} each, {torch.get_num_threads()} torch thread(s), "
+                          "one process", "steps": res["config"]["steps"], "cells": cells}
+    out.with_name(out.name + "_timing.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def main(argv=None) -> int:
@@ -361,6 +527,16 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the cells of the tasks not run now from the existing <out>.json (same settings), so "
                          "the tasks can be run in several invocations")
+    ap.add_argument("--merge-from", default="", type=lambda v: [p for p in v.split(",") if p],
+                    help="comma-separated outputs (without suffix) of other invocations with the same settings whose "
+                         "tasks are added, e.g. parts run side by side with --tasks ... --out <part>; --tasks '' "
+                         "only merges")
+    ap.add_argument("--update", action="store_true",
+                    help="re-run --methods on --tasks and replace their cells in the existing <out>.json (same "
+                         "settings; the other methods' cells, and the unguided reference, are kept)")
+    ap.add_argument("--timing", action="store_true",
+                    help="re-time unguided / default / PnP-Flow interleaved at the strengths of the existing "
+                         "<out>.json (no second process beside it), write <out>_timing.json and rewrite <out>.md")
     ap.add_argument("--out", default=str(RESULTS / "steering_images"), help="output path without suffix")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -387,6 +563,11 @@ def main(argv=None) -> int:
     tag = "images" + ("_rgb" if args.rgb else "") + ("_quick" if args.quick else "")
     ckpt = Path(args.ckpt) if args.ckpt else Path(tempfile.gettempdir()) / f"steerflow_bench_{tag}" / "flow"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if args.timing:
+        out = Path(args.out)
+        timing(out, ckpt, args.device, n_images=min(32, args.n_test), repeats=max(3, args.repeats))
+        write_markdown(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md"))
+        return 0
     model, train_info = get_prior(ckpt, settings, args.rgb, args.threads, args.device)
 
     split = CROP_SPLITS["rgb" if args.rgb else "gray"]
@@ -406,7 +587,7 @@ def main(argv=None) -> int:
           f"(val vs test {quality['energy_distance_val_vs_test']:.4f})", flush=True)
 
     chosen, table = tune(model, x_val, tasks, methods, NOISES, args.steps, args.device, grid)
-    cells, grid_rows = {}, {}
+    cells, grid_rows, outputs_by_task = {}, {}, {}
     for noise in NOISES:
         for task in tasks:
             key = f"{task}@{noise}"
@@ -428,20 +609,41 @@ def main(argv=None) -> int:
                 ok = base is not None and base["peak_bytes_per_image"] and r["peak_bytes_per_image"] is not None
                 r["memory_vs_unguided"] = r["peak_bytes_per_image"] / base["peak_bytes_per_image"] if ok else None
             if noise == NOISES[-1]:
+                outputs_by_task[task] = {m: o[:1] for m, o in outputs.items()}
                 shape = tuple(x_test.shape[1:])
                 grid_rows[task] = torch.cat([x_test[:1], as_image(y_shown[:1], shape).clamp(-1, 1)]
                                             + [outputs[m][:1] for m in methods])
     rows_path = out.with_name(out.name + "_grid_rows.pt")
+    if args.update:
+        res = update_previous(out, args, methods, tasks, cells, chosen, table, outputs_by_task)
+        torch.save(res.pop("_rows"), rows_path)
+        write_grid([r for r in torch.load(rows_path, weights_only=True).values()], out.with_name(out.name + "_grid.png"))
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        write_markdown(res, out.with_suffix(".md"))
+        print(f"updated {', '.join(methods)} on {', '.join(tasks)} in {out.with_suffix('.json')}", flush=True)
+        return 0
     if args.merge:
         tasks, chosen, table = merge_previous(out, args, methods, tasks, cells, chosen, table, grid_rows, rows_path)
+    for part in args.merge_from:
+        part = Path(part)
+        tasks, chosen, table = merge_part(part.with_suffix(".json"), part.with_name(part.name + "_grid_rows.pt"),
+                                          args, methods, tasks, cells, chosen, table, grid_rows)
+    if args.merge or args.merge_from:
         cells = {f"{t}@{noise}": cells[f"{t}@{noise}"] for noise in NOISES for t in tasks}
+    if not tasks:
+        raise SystemExit("no task was run or merged")
     torch.save({t: r.contiguous() for t, r in grid_rows.items()}, rows_path)
     grid_png = out.with_name(out.name + "_grid.png")
     write_grid([grid_rows[t] for t in tasks if t in grid_rows], grid_png)
     cmd = "python benchmarks/bench_steering_images.py" + (" --rgb" if args.rgb else "") + (
         " --quick" if args.quick else "")
-    if args.merge:
-        cmd += "  (tasks run in several invocations with --tasks ... --merge)"
+    for flag, value, default in (("--steps", args.steps, 50), ("--n-test", args.n_test, 64),
+                                 ("--n-val", args.n_val, 16), ("--methods", ",".join(methods),
+                                                               ",".join(INVERSE_METHODS))):
+        if value != default and not args.quick:
+            cmd += f" {flag} {value}"
+    if args.merge or args.merge_from:
+        cmd += "  (tasks run in several invocations with --tasks ... and merged)"
     setup = (f"Prior: UNetVelocity (base width {settings['unet_width']}, channel_mult (1, 2), 1 residual block per "
              f"level) trained by `steerflow train --data {'photos32-rgb' if args.rgb else 'photos32'}` on the 32×32 "
              f"training crops of {', '.join(split['train'])}; tuning on {x_val.shape[0]} crops of "

@@ -78,6 +78,48 @@ def test_quick_run_writes_every_cell_with_finite_figures(tmp_path):
     res2 = json.loads(out2.with_suffix(".json").read_text())
     assert res2["training"]["cached"] is True and res2["training"]["command"] == res["training"]["command"]
     assert list(res2["cells"]) == ["denoise@0.01", "denoise@0.05"]
+    # parts run side by side merge into one result without rerunning anything (--tasks '' --merge-from)
+    out3 = tmp_path / "merged"
+    assert bench.main(["--quick", "--ckpt", str(tmp_path / "flow"), "--out", str(out3), "--tasks", "",
+                       "--merge-from", str(out)]) == 0
+    res3 = json.loads(out3.with_suffix(".json").read_text())
+    assert res3["tasks"] == res["tasks"] and res3["cells"] == res["cells"] and res3["strength"] == res["strength"]
+    # the summary answers items 3 and 4 of the issue from the cells
+    s = bench.summary(res)
+    keys = [f"{t}@{n}" for n in res["noises"] for t in res["tasks"]]
+    for m, v in s["mean_psnr"].items():
+        assert v == pytest.approx(sum(res["cells"][k][m]["psnr"] for k in keys) / len(keys))
+    best = {k: max(r["psnr"] for m, r in res["cells"][k].items() if m != "unguided") for k in keys}
+    assert s["default"]["max_gap_db"] == pytest.approx(max(best[k] - res["cells"][k]["default"]["psnr"] for k in keys))
+    f, d = res["cells"][keys[0]]["flowchef"], res["cells"][keys[0]]["dps"]
+    assert s["flowchef_vs_dps"][keys[0]]["dpsnr_db"] == pytest.approx(f["psnr"] - d["psnr"])
+    assert "## Summary" in out.with_suffix(".md").read_text()
+    # --update re-runs some methods on some tasks and replaces only their cells
+    before = json.loads(out.with_suffix(".json").read_text())
+    assert bench.main(["--quick", "--ckpt", str(tmp_path / "flow"), "--out", str(out), "--update", "--methods",
+                       "default", "--tasks", "box"]) == 0
+    after = json.loads(out.with_suffix(".json").read_text())
+    assert after["updates"][-1]["methods"] == ["default"] and after["updates"][-1]["tasks"] == ["box"]
+    for key in after["cells"]:
+        for m in after["methods"]:
+            if key.startswith("box@") and m == "default":  # seeded: the same images again
+                assert after["cells"][key][m]["psnr_per_image"] == before["cells"][key][m]["psnr_per_image"]
+            else:
+                assert after["cells"][key][m] == before["cells"][key][m]
+    with pytest.raises(SystemExit, match="unguided"):
+        bench.main(["--quick", "--ckpt", str(tmp_path / "flow"), "--out", str(out), "--update", "--methods",
+                    "unguided,default", "--tasks", "box"])
+    # --timing re-times unguided / default / PnP-Flow at the stored strengths and the summary quotes it
+    assert bench.main(["--quick", "--ckpt", str(tmp_path / "flow"), "--out", str(out), "--timing"]) == 0
+    timed = json.loads(out.with_name(out.name + "_timing.json").read_text())
+    assert set(timed["cells"]) == {f"{t}@{res['noises'][-1]}" for t in res["tasks"]}
+    for c in timed["cells"].values():
+        assert c["unguided_vs_unguided"] == 1.0
+        assert c["default_vs_unguided"] == pytest.approx(c["seconds_per_image_default"] / c["seconds_per_image_unguided"])
+    md = out.with_suffix(".md").read_text()
+    assert "re-timed alone" in md
+    s2 = bench.summary({**res, "timing": timed})
+    assert s2["default"]["max_time_vs_unguided"] == max(c["default_vs_unguided"] for c in timed["cells"].values())
 
 
 def test_mean_and_standard_error():

@@ -34,7 +34,7 @@ def test_default_is_exact_for_a_gaussian_prior(covariance):
     """For a Gaussian prior the Gaussian-posterior correction is the exact posterior ODE."""
     if covariance == "isotropic":
         g = GaussianMixture([1.0], [[0.5, -0.3, 0.2]], [0.8])
-        kw = dict(prior_var=0.8)
+        kw = dict(prior_var=0.8, update="ode")
     else:
         g = GaussianMixture([1.0], [[0.5, -0.3, 0.2]], [[[1.0, 0.6, 0.0], [0.6, 0.8, 0.2], [0.0, 0.2, 0.5]]])
         kw = {}

@@ -9,7 +9,8 @@ from steerflow import sample
 from steerflow.data.mixture import GaussianMixture
 from steerflow.metrics import energy_distance, mode_weight_tv
 from steerflow.steering.guidance import SteerflowDefault
-from steerflow.steering.operators import Dense, Mask
+from steerflow.metrics.cost import Cost
+from steerflow.steering.operators import AvgPool, Blur, Dense, Mask
 
 F64 = torch.float64
 
@@ -54,7 +55,7 @@ def test_gaussian_prior_isotropic_form_is_exact_for_isotropic_data():
     A = op.matrix((1, 2, 2))
     y, sigma = op(torch.tensor([[[[1.0, 0.0], [0.0, -1.0]]]], dtype=F64))[0], 0.1
     m_post, c_post = _gauss_posterior(mean, s2 * torch.eye(d, dtype=F64), A, y.reshape(-1), sigma)
-    g = SteerflowDefault(op, y, sigma, covariance="isotropic", prior_var=s2)
+    g = SteerflowDefault(op, y, sigma, covariance="isotropic", prior_var=s2, update="ode")
 
     def v(x, t):
         return mix.velocity(x.reshape(-1, d), t).reshape(x.shape)
@@ -147,3 +148,114 @@ def test_errors_at_the_boundary():
     # σ = 0 (noiseless) still works without reweighting
     x = _solve(mix, SteerflowDefault(Dense(A), y, 0.0), 200, 0, 10)
     assert torch.isfinite(x).all()
+
+
+# --- the re-noising update (images) ---------------------------------------------------------------------------
+def _iso_gauss(shape, s2=0.5, seed=0):
+    """An isotropic Gaussian prior N(m, s² I) on images of ``shape`` and its exact velocity on (b, *shape)."""
+    d = math.prod(shape)
+    mean = 0.3 * torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    mix = GaussianMixture([1.0], mean[None], (s2 * torch.eye(d, dtype=F64))[None])
+
+    def v(x, t):
+        return mix.velocity(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+    return mix, mean, v
+
+
+@pytest.mark.parametrize("op_name", ["mask", "blur"])
+@pytest.mark.parametrize("eta, scale", [(0.0, 1.0), (1.0, 1.0), (0.5, 3.0)])
+def test_renoise_step_is_the_gaussian_proximal_point_then_renoising(op_name, eta, scale):
+    # one grid step by hand: x̂1 = E[x1 | x_t] (closed form), z = x̂1 + ω r² Aᵀ (r² A Aᵀ + σ² I)⁻¹ (y − A x̂1) with
+    # dense algebra and ω = 1 + (scale − 1) √(1 − t), x_{t+h} = (t + h) z + (1 − t − h) (η ε + √(1 − η²) x̂0);
+    # the blur goes through CG
+    shape, s2, sigma, t, h = (1, 5, 5), 0.5, 0.05, 0.3, 0.1
+    mix, mean, v = _iso_gauss(shape, s2)
+    g_ = torch.Generator().manual_seed(3)
+    op = (Mask((torch.rand(shape, generator=g_) < 0.5).to(F64)) if op_name == "mask"
+          else Blur.gaussian(3, 1.0, shape))
+    x = torch.randn(4, *shape, generator=g_, dtype=F64)
+    y = op(torch.randn(4, *shape, generator=g_, dtype=F64))
+    g = SteerflowDefault(op, y, sigma, prior_var=s2, eta=eta, n_cg=200, scale=scale)
+    g.check(v, solver="euler")
+    tt = torch.full((4,), t, dtype=F64)
+    g.initial(v, x, torch.tensor([t, t + h], dtype=F64))
+    vel = g.velocity(v, x, tt, torch.tensor(h, dtype=F64), generator=torch.Generator().manual_seed(9))
+    x_next = (x + h * vel).reshape(4, -1)
+
+    X = x.reshape(4, -1)
+    gain = t * s2 / (t**2 * s2 + (1 - t) ** 2)  # E[x1 | x_t] = m + gain (x_t − t m) for N(m, s² I) data
+    x1 = mean + gain * (X - t * mean)
+    x0 = (X - t * x1) / (1 - t)
+    A = op.matrix(shape)
+    r2 = s2 * (1 - t) ** 2 / (t**2 * s2 + (1 - t) ** 2)
+    S = r2 * A @ A.T + sigma**2 * torch.eye(A.shape[0], dtype=F64)
+    omega = 1 + (scale - 1) * math.sqrt(1 - t)
+    z = x1 + omega * r2 * torch.linalg.solve(S, (y.reshape(4, -1) - x1 @ A.T).T).T @ A
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=F64).reshape(4, -1)
+    noise = eta * eps + math.sqrt(1 - eta**2) * x0
+    torch.testing.assert_close(x_next, (t + h) * z + (1 - t - h) * noise, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("op_name", ["mask", "superres"])
+def test_renoise_noiseless_measurement_is_met_exactly(op_name):
+    shape = (1, 8, 8)
+    _, _, v = _iso_gauss(shape)
+    op = Mask.box(shape, 2, 2, 4, 4) if op_name == "mask" else AvgPool(2, shape)
+    truth = torch.randn(6, *shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = op(truth)
+    x0 = torch.randn(6, *shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    out = sample(v, x0, steps=12, guidance=SteerflowDefault(op, y, 0.0), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(op(out), y, atol=1e-10, rtol=0)
+    assert (out - out[:1]).abs().flatten(1).amax(1)[1:].min() > 0.1  # one independent sample per input
+
+
+def test_update_auto_picks_renoise_for_images_and_ode_for_ensembles_and_adaptive_solvers():
+    shape = (1, 4, 4)
+    _, _, v = _iso_gauss(shape)
+    op = Mask.box(shape, 1, 1, 2, 2)
+    y = op(torch.zeros(1, *shape, dtype=F64))[0]
+    x0 = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(method="euler", **kw):
+        return sample(v, x0, steps=10, method=method, guidance=SteerflowDefault(op, y, 0.1, **kw),
+                      generator=torch.Generator().manual_seed(5))
+    assert torch.equal(run(), run(update="renoise"))
+    assert not torch.allclose(run(), run(update="ode"))
+    assert torch.equal(run("dopri5"), run("dopri5", update="ode"))  # adaptive: the ODE update
+    with pytest.raises(ValueError, match="fixed-step solver"):
+        run("dopri5", update="renoise")
+    # an ensemble-sized batch of a small problem keeps the ODE update (and its reweighting)
+    mix = GaussianMixture([1.0], [[0.0, 0.0]], [0.5])
+    A, y2 = torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([0.4], dtype=F64)
+    a = _solve(mix, SteerflowDefault(A, y2, 0.3), 400, 0, 20)
+    b = _solve(mix, SteerflowDefault(A, y2, 0.3, update="ode"), 400, 0, 20)
+    assert torch.equal(a, b)
+
+
+def test_renoise_cost_has_no_vjp_and_counts_cg_products():
+    shape = (1, 6, 6)
+    _, _, v = _iso_gauss(shape)
+    op = Blur.gaussian(3, 1.0, shape)
+    y = op(torch.zeros(3, *shape, dtype=F64))
+    cost = Cost()
+    x0 = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    sample(v, x0, steps=5, guidance=SteerflowDefault(op, y, 0.05, n_cg=4), cost=cost,
+           generator=torch.Generator().manual_seed(1))
+    assert cost.nfe == 5 and cost.vjp == 0
+    # per step: the residual (1), at most n_cg CG products of A Aᵀ (2 each), the adjoint (1); t = 0 included
+    assert 5 * (2 + 2) <= cost.operator_calls <= 5 * (2 + 2 * 4)
+
+
+def test_renoise_settings_errors():
+    op = Mask.box((1, 4, 4), 1, 1, 2, 2)
+    y = torch.zeros(1, 4, 4)
+    with pytest.raises(ValueError, match="unknown update"):
+        SteerflowDefault(op, y, 0.1, update="jump")
+    with pytest.raises(ValueError, match="eta"):
+        SteerflowDefault(op, y, 0.1, eta=1.5)
+    with pytest.raises(ValueError, match="resample=True"):
+        SteerflowDefault(op, y, 0.1, update="renoise", resample=True)
+    with pytest.raises(ValueError, match="isotropic"):
+        SteerflowDefault(op, y, 0.1, update="renoise", covariance="ensemble")
+    with pytest.raises(ValueError, match="n_cg"):
+        SteerflowDefault(op, y, 0.1, n_cg=0)
