@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cli_helpers import assert_one_line_error, run_cli
+from test_cli_manifold import write_latlon_csv
 from steerflow.cli import _common as C
 from steerflow.cli.main import main
 from steerflow.data.earth import load_latlon_csv, random_split
@@ -23,16 +24,6 @@ from steerflow.training import load_checkpoint, load_run
 QUICK = ["--hidden", "16", "--batch", "32", "--quiet"]
 SEED = 3
 S2 = Sphere(2)
-
-
-def write_latlon_csv(path, n: int, seed: int = 0, spread: float = 8.0) -> None:
-    """Two clusters of ``spread`` degrees, as latitude/longitude with a header row."""
-    rng = np.random.default_rng(seed)
-    centres = np.array([[64.0, -19.0], [-39.0, 175.0]])
-    c = centres[rng.integers(0, 2, n)]
-    lat = np.clip(c[:, 0] + spread * rng.standard_normal(n), -89.9, 89.9)
-    lon = (c[:, 1] + spread * rng.standard_normal(n) + 180.0) % 360.0 - 180.0
-    path.write_text("latitude,longitude\n" + "".join(f"{a:.5f},{b:.5f}\n" for a, b in zip(lat, lon)))
 
 
 def same_mixture(a: VonMisesFisherMixture, b: VonMisesFisherMixture) -> bool:

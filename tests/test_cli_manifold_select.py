@@ -20,7 +20,7 @@ from steerflow.manifolds.velocity import build_manifold_model
 from steerflow.models import build_model
 from steerflow.training import load_checkpoint, load_run, save_checkpoint
 from steerflow.training.checkpoint import BEST, LATEST, read_selection, select_checkpoint
-from test_cli_manifold_base import write_latlon_csv
+from test_cli_manifold import write_latlon_csv
 
 SEED = 3
 S2 = Sphere(2)
