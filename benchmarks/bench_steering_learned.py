@@ -70,7 +70,7 @@ FLOWCHEF_GRID = tuple({"n_inner": k, "step_size": s, "schedule": w}
 step size ``s`` on ``½‖y − A x̂_1‖²`` and its time schedule (``s_t = s`` or ``s (1 − t)``)."""
 TUNE_GRID = {"flowchef": FLOWCHEF_GRID, "dps": (2.0, 1.0, 0.5, 0.2, 0.05),
              "enkg": (1.0, 0.5, 0.2, 0.05, 0.01), "otode": (8.0, 4.0, 2.0, 1.0, 0.5),
-             "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5)}
+             "pnpflow": (16.0, 8.0, 4.0, 2.0, 1.0, 0.5), "default": (4.0, 2.0, 1.5, 1.0, 0.5)}
 """Values of each method's main strength tried on the validation images (the method's default included;
 PnP-Flow: step size, FlowChef: (n_inner, step size, schedule), the others: scale). DDS and unguided have no
 strength knob."""
@@ -319,8 +319,8 @@ def write_markdown(res: dict, path: Path, cmd: str) -> None:
             cells, times, mems = [], [], []
             for task in TASKS:
                 r = res["inverse"][f"{task}@{noise}"].get(m)
-                if r is None:
-                    cells.append("—")
+                if r is None or "diverged" in r:
+                    cells.append("—" if r is None else "diverged")
                     continue
                 cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}")
                 times.append(r["seconds_per_image"] * 1e3)
@@ -477,8 +477,13 @@ def main(argv=None) -> int:
             key = f"{task}@{noise}"
             res["inverse"][key] = {}
             for m in methods:
-                r = run_inverse(model, x_true, task, noise, m, args.steps, seed=0, measure_memory=not args.no_memory,
-                                scale=chosen[task].get(m), repeats=args.repeats)
+                try:
+                    r = run_inverse(model, x_true, task, noise, m, args.steps, seed=0,
+                                    measure_memory=not args.no_memory, scale=chosen[task].get(m), repeats=args.repeats)
+                except FloatingPointError as e:  # a method without a tuned strength may diverge: record, go on
+                    res["inverse"][key][m] = {"diverged": str(e).split(".")[0], "strength": chosen[task].get(m)}
+                    print(f"  {key:16s} {m:10s} diverged", flush=True)
+                    continue
                 res["inverse"][key][m] = r
                 print(f"  {key:16s} {m:10s} PSNR={r['psnr']:6.2f} SSIM={r['ssim']:.3f} "
                       f"{r['seconds_per_image'] * 1e3:7.2f} ms/img  peak={r['peak_memory_mb']} MB", flush=True)
