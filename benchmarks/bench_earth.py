@@ -148,13 +148,11 @@ def fit_vmf_kde(train_x, val_x):
 # --- Riemannian flow matching ---------------------------------------------------------------------
 
 def nll(model, x, batch=2048, ode=ODE, base_log_prob=None) -> float:
+    """``-mean log p_1(x)`` (batched, no autograd graph: ``manifold_log_likelihood``'s defaults)."""
     model.eval()
-    out = []
-    with torch.no_grad():
-        for xb in torch.split(x, batch):
-            out.append(-manifold_log_likelihood(model, xb, S2, base_log_prob=base_log_prob, **ode))
+    logp = manifold_log_likelihood(model, x, S2, batch_size=batch, base_log_prob=base_log_prob, **ode)
     model.train()
-    return float(torch.cat(out).mean())
+    return float(-logp.mean())
 
 
 def fit_base(train_x, val_x, seed: int):
@@ -165,17 +163,9 @@ def fit_base(train_x, val_x, seed: int):
         mix, kappa = VonMisesFisherMixture.fit_kde(train_x, val_x)
         return mix.sample, mix.log_prob, {"base": "kde", "base_kappa": kappa,
                                          "base_val_nll": float(-mix.log_prob(val_x.double()).mean())}
-    best = None
-    for k in EM_KS:
-        for kappa_max in EM_KAPPA_MAX:
-            mix = VonMisesFisherMixture.fit_em(train_x, min(k, train_x.shape[0]), iters=100, kappa_max=kappa_max,
-                                               generator=torch.Generator().manual_seed(seed))
-            v = float(-mix.log_prob(val_x.double()).mean())
-            if best is None or v < best[0]:
-                best = (v, k, kappa_max, mix)
-    v, k, kappa_max, mix = best
-    return mix.sample, mix.log_prob, {"base": "em", "base_k": k, "base_kappa_max": kappa_max, "base_val_nll": v,
-                                      "base_components": len(mix)}
+    mix, sel = VonMisesFisherMixture.fit_em_select(train_x, val_x, EM_KS, EM_KAPPA_MAX, seed=seed, iters=100)
+    return mix.sample, mix.log_prob, {"base": "em", "base_k": sel.components, "base_kappa_max": sel.kappa_max,
+                                      "base_val_nll": sel.held_out_nll, "base_components": sel.fitted}
 
 
 def fit_rfm(train_x, val_x, seed: int, log=print, test_x=None):
@@ -192,8 +182,7 @@ def fit_rfm(train_x, val_x, seed: int, log=print, test_x=None):
     net = MLPVelocity(3, hidden=HIDDEN, depth=DEPTH, time_embed_dim=32,
                       in_dim=embed.out_dim if embed is not None else None)
     if ZERO_INIT:
-        torch.nn.init.zeros_(net.net[-1].weight)
-        torch.nn.init.zeros_(net.net[-1].bias)
+        net.zero_output_()
     model = TangentVelocity(net, S2, embed=embed)
     best = (float("inf"), None, 0)
     history = []

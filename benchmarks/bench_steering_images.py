@@ -301,10 +301,20 @@ def write_grid(rows: list[torch.Tensor], path: Path, zoom: int = 3) -> None:
     save_image(tiles, path, nrow=rows[0].shape[0])
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def timing_for(res: dict, path: Path) -> dict | None:
+    """The ``--timing`` file beside the result file ``path`` when it timed ``res``'s strengths and steps, else None
+    (a later run or ``--update`` makes an older re-timing stale)."""
     timed = path.with_name(path.stem + "_timing.json")
-    if timed.exists():
-        res = {**res, "timing": json.loads(timed.read_text())}
+    if not timed.exists():
+        return None
+    t = json.loads(timed.read_text())
+    return t if (t.get("strength"), t.get("steps")) == (res["strength"], res["config"]["steps"]) else None
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    timed = timing_for(res, path)
+    if timed is not None:
+        res = {**res, "timing": timed}
     L = ["# Steering a learned 32×32 image prior (issue 17)", "",
          f"Reproduce: `{res['command']}`"
          + "".join(f", then `{u['command']}`" for u in res.get("updates", [])), "", res["setup"], ""]
@@ -410,15 +420,24 @@ def summary_lines(res: dict) -> list[str]:
     return L
 
 
-def update_previous(out: Path, args, methods, tasks, cells, chosen, table, outputs_by_task) -> dict:
-    """``<out>.json`` with the cells, strengths and figure rows of ``methods`` on ``tasks`` replaced by this run's
-    (the other methods' cells kept; time and memory ratios against the stored unguided cells); ``--update``."""
+SAME_SETTINGS = ("quick", "rgb", "steps", "n_test", "n_val", "no_tune", "device")
+"""The settings a result file must share with this run to be merged with it or updated by it."""
+
+
+def settings_diff(prev: dict, args) -> list[str]:
+    """The names of ``SAME_SETTINGS`` in which the result ``prev`` differs from this run's ``args``."""
+    return [k for k in SAME_SETTINGS if prev["config"].get(k) != vars(args).get(k)]
+
+
+def update_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_rows) -> tuple[dict, dict]:
+    """``<out>.json`` with the cells and strengths of ``methods`` on ``tasks`` replaced by this run's (the other
+    methods' cells kept; time and memory ratios against the stored unguided cells), and the figure rows with
+    those methods' tiles replaced (``grid_rows``: this run's rows, in ``methods`` order); ``--update``."""
     prev_path = out.with_suffix(".json")
     if not prev_path.exists():
         raise SystemExit(f"--update: no {prev_path} to update")
     prev = json.loads(prev_path.read_text())
-    same = ("quick", "rgb", "steps", "n_test", "n_val", "no_tune", "device")
-    diff = [k for k in same if prev["config"].get(k) != vars(args).get(k)]
+    diff = settings_diff(prev, args)
     extra = [m for m in methods if m not in prev["methods"]] + [t for t in tasks if t not in prev["tasks"]]
     if diff or extra or "unguided" in methods:
         why = ", ".join(diff) or (f"{', '.join(extra)} not in it" if extra else "unguided is the reference")
@@ -437,15 +456,14 @@ def update_previous(out: Path, args, methods, tasks, cells, chosen, table, outpu
                 prev["tuning"][task][m] = table[task][m]
     rows_path = out.with_name(out.name + "_grid_rows.pt")
     rows = torch.load(rows_path, weights_only=True) if rows_path.exists() else {}
-    for task, outs in outputs_by_task.items():
+    for task, new_rows in grid_rows.items():  # rows: truth, measurement, then one tile per method
         if task in rows:
-            for m, o in outs.items():
-                rows[task][2 + prev["methods"].index(m)] = o[0]
+            for i, m in enumerate(methods):
+                rows[task][2 + prev["methods"].index(m)] = new_rows[2 + i]
     prev.setdefault("updates", []).append(
         {"methods": methods, "tasks": tasks, "command": "python benchmarks/bench_steering_images.py --update "
          f"--methods {','.join(methods)} --tasks {','.join(tasks)} --steps {args.steps}"})
-    prev["_rows"] = {t: r.contiguous() for t, r in rows.items()}
-    return prev
+    return prev, {t: r.contiguous() for t, r in rows.items()}
 
 
 def merge_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_rows, rows_path):
@@ -459,8 +477,7 @@ def merge_previous(out: Path, args, methods, tasks, cells, chosen, table, grid_r
 def merge_part(prev_path: Path, rows_path: Path, args, methods, tasks, cells, chosen, table, grid_rows):
     """Add the tasks of the result file ``prev_path`` that are not in ``tasks`` (in place); the merged task list."""
     prev = json.loads(prev_path.read_text())
-    same = ("quick", "rgb", "steps", "n_test", "n_val", "no_tune", "device")
-    diff = [k for k in same if prev["config"].get(k) != vars(args).get(k)]
+    diff = settings_diff(prev, args)
     if diff or prev["methods"] != methods:
         raise SystemExit(f"--merge: {prev_path} was made with other settings ({', '.join(diff) or 'methods'})")
     old_rows = torch.load(rows_path, weights_only=True) if rows_path.exists() else {}
@@ -475,12 +492,12 @@ def merge_part(prev_path: Path, rows_path: Path, args, methods, tasks, cells, ch
     return [t for t in TASKS if t in tasks or t in prev["tasks"]], chosen, table
 
 
-def timing(out: Path, ckpt: Path, device: str, n_images: int = 32, repeats: int = 3) -> dict:
-    """Interleaved wall times of unguided, default and PnP-Flow solves at the strengths stored in ``<out>.json``
-    (fastest of ``repeats`` each, ``n_images`` test crops; σ = 0.05, and both σ for the deblur tasks, whose
-    conjugate gradients depend on it): the time ratios without a second process beside them. Written to
-    ``<out>_timing.json`` and quoted in the summary."""
-    res = json.loads(out.with_suffix(".json").read_text())
+def timing(res: dict, out: Path, ckpt: Path, device: str, n_images: int = 32, repeats: int = 3) -> dict:
+    """Interleaved wall times of unguided, default and PnP-Flow solves at the strengths of the result ``res``
+    (``<out>.json``; fastest of ``repeats`` each, ``n_images`` test crops; σ = 0.05, and both σ for the deblur
+    tasks, whose conjugate gradients depend on it): the time ratios without a second process beside them. Written
+    to ``<out>_timing.json`` with the strengths and steps it timed, and quoted in the summary of a result with the
+    same ones (:func:`timing_for`)."""
     model, _ = get_prior(ckpt, TRAIN, res["config"]["rgb"], torch.get_num_threads(), device)
     x = photo_crops(split="test", rgb=res["config"]["rgb"], min_std=MIN_STD, max_crops=n_images,
                     generator=torch.Generator().manual_seed(0))
@@ -500,7 +517,8 @@ def timing(out: Path, ckpt: Path, device: str, n_images: int = 32, repeats: int 
                   flush=True)
     result = {"protocol": f"interleaved {', '.join(methods)} solves of {n_images} test crops at the tuned "
                           f"strengths, fastest of {repeats} each, {torch.get_num_threads()} torch thread(s), "
-                          "one process", "steps": res["config"]["steps"], "cells": cells}
+                          "one process", "steps": res["config"]["steps"], "strength": res["strength"],
+              "cells": cells}
     out.with_name(out.name + "_timing.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -565,8 +583,9 @@ def main(argv=None) -> int:
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if args.timing:
         out = Path(args.out)
-        timing(out, ckpt, args.device, n_images=min(32, args.n_test), repeats=max(3, args.repeats))
-        write_markdown(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md"))
+        res = json.loads(out.with_suffix(".json").read_text())
+        timing(res, out, ckpt, args.device, n_images=min(32, args.n_test), repeats=max(3, args.repeats))
+        write_markdown(res, out.with_suffix(".md"))
         return 0
     model, train_info = get_prior(ckpt, settings, args.rgb, args.threads, args.device)
 
@@ -587,7 +606,7 @@ def main(argv=None) -> int:
           f"(val vs test {quality['energy_distance_val_vs_test']:.4f})", flush=True)
 
     chosen, table = tune(model, x_val, tasks, methods, NOISES, args.steps, args.device, grid)
-    cells, grid_rows, outputs_by_task = {}, {}, {}
+    cells, grid_rows = {}, {}
     for noise in NOISES:
         for task in tasks:
             key = f"{task}@{noise}"
@@ -609,15 +628,14 @@ def main(argv=None) -> int:
                 ok = base is not None and base["peak_bytes_per_image"] and r["peak_bytes_per_image"] is not None
                 r["memory_vs_unguided"] = r["peak_bytes_per_image"] / base["peak_bytes_per_image"] if ok else None
             if noise == NOISES[-1]:
-                outputs_by_task[task] = {m: o[:1] for m, o in outputs.items()}
                 shape = tuple(x_test.shape[1:])
                 grid_rows[task] = torch.cat([x_test[:1], as_image(y_shown[:1], shape).clamp(-1, 1)]
                                             + [outputs[m][:1] for m in methods])
     rows_path = out.with_name(out.name + "_grid_rows.pt")
     if args.update:
-        res = update_previous(out, args, methods, tasks, cells, chosen, table, outputs_by_task)
-        torch.save(res.pop("_rows"), rows_path)
-        write_grid([r for r in torch.load(rows_path, weights_only=True).values()], out.with_name(out.name + "_grid.png"))
+        res, rows = update_previous(out, args, methods, tasks, cells, chosen, table, grid_rows)
+        torch.save(rows, rows_path)
+        write_grid([rows[t] for t in res["tasks"] if t in rows], out.with_name(out.name + "_grid.png"))
         out.with_suffix(".json").write_text(json.dumps(res, indent=1))
         write_markdown(res, out.with_suffix(".md"))
         print(f"updated {', '.join(methods)} on {', '.join(tasks)} in {out.with_suffix('.json')}", flush=True)

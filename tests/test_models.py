@@ -200,3 +200,14 @@ def test_mlp_in_dim_takes_wider_features_than_it_returns():
         m(torch.randn(5, 2), torch.rand(5))
     with pytest.raises(ValueError, match="in_dim"):
         MLPVelocity(2, in_dim=0)
+
+
+def test_zero_output_makes_the_velocity_zero_and_keeps_the_hidden_layers():
+    m = MLPVelocity(3, hidden=16, depth=2)
+    hidden = m.net[0].weight.clone()
+    assert m.zero_output_() is m
+    x, t = torch.randn(5, 3), torch.rand(5)
+    assert torch.equal(m(x, t), torch.zeros(5, 3)) and torch.equal(m.net[0].weight, hidden)
+    loss = (m(x, t) - 1).pow(2).sum()
+    loss.backward()
+    assert m.net[-1].weight.grad.abs().sum() > 0  # the first step reaches the output layer

@@ -169,3 +169,18 @@ def test_blur_solve_normal_converges_at_its_defaults(sigma2):
     assert float((got - want).norm() / want.norm()) < 1e-9
     got32 = op.solve_normal(0.7, sigma2, b.float().reshape(3, *shape)).reshape(3, -1)
     assert float((got32.double() - want).norm() / want.norm()) < 1e-3
+
+
+def test_generic_solve_normal_counts_its_products_and_closed_forms_count_none():
+    from steerflow.metrics.cost import Cost
+
+    g = torch.Generator().manual_seed(0)
+    blur = Blur.gaussian(3, 1.0, (1, 6, 6))
+    b = torch.randn(2, 1, 6, 6, generator=g, dtype=torch.float64)
+    cost = Cost()
+    w = blur.solve_normal(0.7, 0.01, b, n_iter=4, cost=cost)
+    assert torch.equal(w, blur.solve_normal(0.7, 0.01, b, n_iter=4))
+    assert cost.operator_calls == 2 * 4  # four CG products of A Aᵀ, two operator calls each
+    mask, cost = Mask.box((1, 6, 6), 1, 1, 2, 2), Cost()
+    mask.solve_normal(0.7, 0.01, mask(b), n_iter=4, cost=cost)
+    assert cost.operator_calls == 0

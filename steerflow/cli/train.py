@@ -308,15 +308,15 @@ def _run_manifold(args: argparse.Namespace) -> int:
 
 
 def zero_output_layer(model: torch.nn.Module) -> None:
-    """Zero the weights and bias of the output layer of ``TangentVelocity(MLPVelocity)``'s network: ``f_θ ≡ 0``, so
-    ``v_θ = P_x f_θ ≡ 0`` and the flow maps every point to itself until trained (the other layers keep their
-    initialisation, so the gradients reach the output layer at the first step)."""
-    layer = model.model.net[-1]
-    if not isinstance(layer, torch.nn.Linear):
-        raise TypeError(f"expected the network to end in a torch.nn.Linear, got {type(layer).__name__}")
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.zero_()
+    """Zero the output layer of ``TangentVelocity(MLPVelocity)``'s network (:meth:`MLPVelocity.zero_output_
+    <steerflow.models.MLPVelocity.zero_output_>`): ``v_θ = P_x f_θ ≡ 0``, so the flow maps every point to itself
+    until trained."""
+    from ..models import MLPVelocity
+
+    net = model.model
+    if not isinstance(net, MLPVelocity):
+        raise TypeError(f"expected TangentVelocity(MLPVelocity), got a network of type {type(net).__name__}")
+    net.zero_output_()
 
 
 def _select_mode(args: argparse.Namespace, request: dict | None) -> str:
@@ -362,7 +362,7 @@ def _train_selecting(model, x_1, *, source, path, device, out: Path, resume: boo
     ``{step: score}`` and the selected step."""
     from ..training import load_checkpoint, train
     from ..training.callbacks import Callbacks
-    from ..training.checkpoint import (LATEST, read_config, read_selection, save_checkpoint,
+    from ..training.checkpoint import (LATEST, best_step, read_config, read_selection, save_checkpoint,
                                        select_checkpoint)
 
     initial = copy.deepcopy(model)  # step 0's weights (a resumed run rebuilds the same ones from --seed)
@@ -386,7 +386,7 @@ def _train_selecting(model, x_1, *, source, path, device, out: Path, resume: boo
                     resume=resume or i > 0, progress=not quiet, config=part, callbacks=callbacks.on_log)
         if res.step not in scores:
             scores[res.step] = score(res.ema if res.ema is not None else res.model)
-        if min(scores, key=lambda k: (scores[k], k)) == 0 and not saved_initial:  # the untrained flow is the best
+        if best_step(scores) == 0 and not saved_initial:  # the untrained flow is the best
             save_checkpoint(out, initial, ema=initial if config.ema_decay else None,
                             config=read_config(out)["training"], step=0, extra={"losses": torch.zeros(0)},
                             update_latest=False)

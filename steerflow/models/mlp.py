@@ -50,6 +50,15 @@ class MLPVelocity(AbstractVelocityModel):
     def event_shape(self) -> tuple[int, ...]:
         return (self.dim,)
 
+    def zero_output_(self) -> MLPVelocity:
+        """Zero the weights and bias of the output layer, in place: ``v_θ ≡ 0`` until trained (the flow is the
+        identity, its density the source's), while the hidden layers keep their initialisation so the first
+        gradient step reaches the output layer. Returns ``self``."""
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+        return self
+
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """``x`` (b, dim) or (b, *d), ``t`` (b,), ``cond`` (b,) integer labels or None -> (b, *d)
         (with ``in_dim``: ``x`` (b, in_dim) -> (b, dim))."""

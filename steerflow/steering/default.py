@@ -11,7 +11,6 @@ from torch import Tensor
 from ..paths.affine import AffinePath
 from ._common import _GUIDANCE_CG_ITERS, _At, _count, _integer, _number, _require_linear, _Steering, _t0, measurement
 from .base import _is_adaptive, check_path, check_window
-from .operators import AbstractLinearOperator, conjugate_gradient
 
 __all__ = ["SteerflowDefault"]
 
@@ -220,19 +219,8 @@ class SteerflowDefault(_Steering):
     def _renoise_velocity(self, v_t, x, x1, r, t, dt, path, c: _At, *, generator, cost) -> Tensor:
         """The velocity of the jump to ``α' z + σ' (η ε + √(1 − η²) x̂_0)``, ``z`` the proximal point of ``x̂_1``."""
         r2 = self.s2 * c.sigma**2 / (c.alpha**2 * self.s2 + c.sigma**2)
-        s2 = self.meas.sigma**2
         A = self.A
-        if type(A).solve_normal is AbstractLinearOperator.solve_normal:  # no closed form: count CG's products
-            applied = []
-
-            def normal(u):
-                applied.append(1)
-                return r2 * A.normal(u) + s2 * u
-
-            w = conjugate_gradient(normal, r, n_iter=self.n_cg)
-            _count(cost, operator_calls=2 * len(applied))
-        else:
-            w = A.solve_normal(r2, s2, r)
+        w = A.solve_normal(r2, self.meas.sigma**2, r, n_iter=self.n_cg, cost=cost)  # closed form, else n_cg CG steps
         relax = 1.0 + (self.scale - 1.0) * math.sqrt(max(0.0, 1.0 - _t0(t)))  # ω_t: from `scale` at t = 0 to 1
         z = x1 + (relax * r2) * A.adjoint(w)
         _count(cost, operator_calls=1)

@@ -87,16 +87,24 @@ class AbstractLinearOperator(AbstractOperator):
         """``A Aᵀ u`` in measurement space."""
         return self.forward(self.adjoint(u))
 
-    def solve_normal(self, r, sigma2, b: Tensor, *, n_iter: int | None = None, tol: float | None = None) -> Tensor:
+    def solve_normal(self, r, sigma2, b: Tensor, *, n_iter: int | None = None, tol: float | None = None,
+                     cost=None) -> Tensor:
         """``(r A Aᵀ + σ² I)⁻¹ b`` for ``b`` (b, *out_shape); ``r``/``sigma2`` scalars or (b,).
 
         Generic fallback: conjugate gradients on the symmetric positive (semi-)definite system
         (Hestenes & Stiefel 1952), batched per sample, to the relative residual ``tol`` (default: ``b``'s
         precision, see :func:`conjugate_gradient`) or ``n_iter`` iterations (default ``10 m + 100`` for ``m``
-        measurements per sample).
+        measurements per sample). ``cost`` (a :class:`~steerflow.metrics.cost.Cost`), when given, counts the two
+        operator calls of every ``A Aᵀ`` product the iterations make; the closed forms of the subclasses make none.
         """
         r_, s2 = _as_coef(r, b), _as_coef(sigma2, b)
-        return conjugate_gradient(lambda u: r_ * self.normal(u) + s2 * u, b, n_iter=n_iter, tol=tol)
+
+        def apply(u: Tensor) -> Tensor:
+            if cost is not None:
+                cost.operator_calls += 2
+            return r_ * self.normal(u) + s2 * u
+
+        return conjugate_gradient(apply, b, n_iter=n_iter, tol=tol)
 
     def matrix(self, in_shape: Sequence[int] | None = None, *, dtype=torch.float64) -> Tensor:
         """The dense matrix (m, n) of ``A`` acting on flattened inputs (for tests and exact oracles)."""

@@ -215,12 +215,7 @@ def select_checkpoint(out_dir: str | os.PathLike, scores: dict[int, float], *, m
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ValueError(f"scores must be keyed by non-negative int steps, got {k!r}")
     out = Path(out_dir)
-
-    def key(k: int) -> tuple[float, int]:
-        v = float(scores[k])
-        return (v if v == v else math.inf, k)
-
-    best = min(scores, key=key)
+    best = best_step(scores)
     folder = out / checkpoint_dir_name(best)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"cannot select step {best}: {folder} holds no checkpoint")
@@ -228,6 +223,15 @@ def select_checkpoint(out_dir: str | os.PathLike, scores: dict[int, float], *, m
                 "scores": {str(k): _finite_or_none(scores[k]) for k in sorted(scores)}}, out / BEST)
     _prune(out, folder.name, keep)
     return best
+
+
+def best_step(scores: dict[int, float]) -> int:
+    """The step of the lowest score (the earliest among equal scores; NaN counts as +inf)."""
+    def key(k: int) -> tuple[float, int]:
+        v = float(scores[k])
+        return (v if v == v else math.inf, k)
+
+    return min(scores, key=key)
 
 
 def _finite_or_none(v: float) -> float | None:
