@@ -56,6 +56,7 @@ def test_readme_examples_run(monkeypatch, tmp_path):
 def test_readme_sphere_example_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
     import steerflow
+    import torch
     from steerflow.models import build_model
     from steerflow.training import train
     from steerflow.manifolds import Sphere, TangentVelocity, manifold_log_likelihood
@@ -70,6 +71,14 @@ def test_readme_sphere_example_runs(monkeypatch):
     assert float(((x.detach()**2).sum(-1) - 1).abs().max()) < 1e-5
     nll = -manifold_log_likelihood(v, data[:50], S2).mean()
     _show(float(nll.detach()))
+    # the repeated-sites example: volcano repeats sites, so the chosen weight is positive and the density finite
+    from steerflow.manifolds import RepeatedSites, VonMisesFisherMixture
+    train_points, val_points, test_points = data[:660], data[660:740], data[740:]
+    sites = RepeatedSites.from_points(train_points)
+    new = VonMisesFisherMixture.fit_em(sites.sites, 100)
+    sites, val_nll = sites.select(val_points, new.log_prob(val_points))
+    logp = sites.log_prob(test_points, new.log_prob(test_points))
+    assert len(sites) < len(train_points) and sites.weight > 0 and bool(torch.isfinite(logp).all())
 
 
 def test_no_readme_example_can_skip():

@@ -179,6 +179,11 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
     except RuntimeError as e:
         raise CLIError(f"the likelihood on {M.name} failed ({C._msg(e)})") from None
     sec = time.perf_counter() - t0
+    sites = loaded.sites  # --repeats: the repeated sites' components around the flow
+    at_sites = None
+    if sites is not None:
+        logp = sites.log_prob(x, logp)  # (a point the flow does not reach keeps its sites' density)
+        at_sites = sites.repeats(x)
     finite = torch.isfinite(logp)
     bad = idx[~finite].tolist()
     if not finite.any():
@@ -193,16 +198,27 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
     scored = logp[finite]
     nll = float(-scored.mean())
     se = float(scored.std() / math.sqrt(scored.numel())) if scored.numel() > 1 else 0.0
-    base = float(-(M.base_log_prob if fitted is None else fitted.log_prob)(x.double()).mean())
+    base_lp = (M.base_log_prob if fitted is None else fitted.log_prob)(x.double()).double()
     base_name = f"base distribution of {M.name}" if fitted is None else \
         f"fitted base alone (vMF mixture, {len(fitted)} components)"
+    if sites is not None:
+        base_lp = sites.log_prob(x, base_lp)
+        base_name = (f"repeated sites ({len(sites)}, weight {sites.weight:.2f}) + fitted base alone "
+                     f"({len(fitted)} components)")
+    base = float(-base_lp.mean())
     trained_on = " — trained on these points" if leak else ""
     print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} "
           f"(split {split}, seed {seed}{trained_on})")
     solver = args.method if args.method == "dopri5" else f"{args.method}, {args.steps} steps"
     print("\n| model | NLL (nats) |\n|---|---:|")
     print(f"| {base_name} | {base:.3f} |")
-    print(f"| flow ({solver}) | {nll:.3f} ± {se:.3f} |")
+    print(f"| {'repeated sites + ' if sites is not None else ''}flow ({solver}) | {nll:.3f} ± {se:.3f} |")
+    parts = {}
+    if at_sites is not None:
+        for name, mask in (("at a training site", at_sites & finite), ("elsewhere", ~at_sites & finite)):
+            if mask.any():
+                parts[name] = {"n": int(mask.sum()), "nll": float(-logp[mask].mean())}
+                print(f"| — the {int(mask.sum())} points {name} | {parts[name]['nll']:.3f} |")
     if bad:
         print(f"| points the flow does not reach (log p = -inf, left out above) | {len(bad)} of {logp.numel()} |")
     out = Path(args.out) if args.out else loaded.directory / "eval.json"
@@ -210,6 +226,7 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
                        "trained_split": info.split or "all", "leak": bool(leak),
                        "n": int(x.shape[0]), "nll": nll, "nll_stderr": se, "base_nll": base,
                        "base": None if fitted is None else (info.base or {}).get("name", "vmf"),
+                       "sites": None if sites is None else {**info.base["sites"], "parts": parts},
                        "n_nonfinite": len(bad), "nonfinite_points": bad,
                        "ode": ode, "nfe": cost.nfe, "seconds": sec,
                        "units": "nats, w.r.t. the Riemannian volume of the manifold; nll over the points with a "

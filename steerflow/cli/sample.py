@@ -8,6 +8,7 @@ ending in ``.csv``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -50,8 +51,27 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
     """Sample ``n`` points from a loaded checkpoint: ``x_0 ~ source``, then the ODE solve.
 
     For a manifold checkpoint ``x_0 ~ M.random_base``, or ``x_0 ~ loaded.base.sample`` when the run saved a fitted
-    base, and the solve runs with ``geometry=M``.
+    base, and the solve runs with ``geometry=M``. A run with repeated sites (``train --repeats``) draws each point
+    from its sites with probability ``λ`` (``RepeatedSites.sample``), else from the flow; ``x_0`` of a site draw is
+    the point itself.
     """
+    sites = getattr(loaded, "sites", None)
+    if sites is not None:
+        sources = []
+
+        def from_flow(m, g):
+            x_0, x_1 = draw(dataclasses.replace(loaded, sites=None), m, steps=steps, method=method, seed=seed,
+                            grid=grid, shift=shift, batch=batch, device=device, return_source=True, progress=progress)
+            sources.append(x_0)
+            return x_1
+
+        x_1, at_site = sites.sample(n, from_flow, C.generator(seed + 1), with_mask=True)
+        if not return_source:
+            return x_1
+        x_0 = x_1.clone()
+        if sources:
+            x_0[~at_site] = sources[0].to(x_0.dtype)
+        return x_0, x_1
     from ..solvers import sample, shifted_grid, uniform_grid
 
     info = loaded.info

@@ -26,6 +26,14 @@ they are the selected ones), ``run.json``'s ``selection`` records ``selected_ste
 ``load_checkpoint(out)`` / ``load_run`` / ``sample`` / ``eval`` / ``plot`` load the selected checkpoint.
 ``latest.json`` still names the last checkpoint: ``--resume`` continues from it, and the scores so far come from
 ``best.json``. ``--select last`` (the default otherwise) keeps the last step, as before.
+
+``--repeats`` (with ``--base vmf --split train``) is for catalogues whose events recur at the same coordinates: the
+model is ``p(x) = λ Σ_u w_u vMF(x; s_u, κ) + (1 − λ) p_1(x)`` (:class:`steerflow.manifolds.RepeatedSites`), with
+a component at each distinct training site ``s_u`` and the flow ``p_1`` — and its fitted base — trained on the
+distinct sites (its base chosen on the validation points that repeat no training site). ``λ`` and the discount
+``d`` are chosen on the validation split with each scored checkpoint; the pair of the kept checkpoint is saved as
+``sites.json`` + ``sites.safetensors`` and recorded in ``run.json`` (``base.sites``); ``sample``, ``eval`` and
+``plot`` use it.
 """
 from __future__ import annotations
 
@@ -112,6 +120,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-kappa-max", type=C.positive_float, nargs="+", default=None, metavar="KAPPA",
                    help="with --base vmf: the caps on the components' concentrations to try (default: 1e4), "
                         "chosen with --base-components")
+    p.add_argument("--repeats", action="store_true",
+                   help="with --base vmf --split train: give every distinct training site a component of its own "
+                        "(events that recur at the same coordinates, e.g. a volcano erupting again), its weight "
+                        "chosen on the validation split; the flow learns where new sites appear")
     p.add_argument("--split", choices=("all", "train"), default="all",
                    help="with --manifold: train on all points, or on the 80%% part of the random 80/10/10 "
                         "split drawn with --seed (then 'steerflow eval --split test' scores the held-out 10%%)")
@@ -227,11 +239,21 @@ def _run_manifold(args: argparse.Namespace) -> int:
     if request is not None and manifold.name != "sphere2":
         raise CLIError(f"--base vmf is a von Mises-Fisher mixture on the sphere: it needs --manifold sphere2, "
                        f"not {manifold.name}")
+    repeats = request is not None and request.get("repeats", False)
+    if repeats and args.split != "train":
+        raise CLIError("--repeats chooses the weight of the repeated sites on the validation split: it needs "
+                       f"--split train (not --split {args.split})")
     select = _select_mode(args, request)
     device = C.device_of(args.device)
     points = C.load_manifold_data(args.data, manifold)
     split = args.split
     x_1 = C.split_points(points, split, args.seed)
+    sites = x_val = None
+    if repeats:  # a component per distinct training site; the flow and its base learn where new sites appear
+        from ..manifolds.vmf import RepeatedSites
+
+        sites = RepeatedSites.from_points(x_1)
+        x_1, x_val = sites.sites.to(x_1.dtype), C.split_points(points, "val", args.seed)
     config = {"dim": manifold.ambient_dim}
     if args.hidden is not None:
         config["hidden"] = args.hidden
@@ -262,7 +284,8 @@ def _run_manifold(args: argparse.Namespace) -> int:
             raise CLIError(f"--resume {str(out)!r}: the checkpoint holds a {old.network} on {old.manifold} "
                            f"({_split_words(*old_split)}{'' if same_data else ', other data'}), but this run "
                            f"builds {network} on {manifold.name} ({_split_words(*new_split)})")
-        old_request = None if old.base is None else {k: old.base.get(k) for k in ("name", "candidates")}
+        old_request = None if old.base is None else {k: old.base[k] for k in ("name", "candidates", "repeats")
+                                                     if k in old.base}
         if old_request != request:
             raise CLIError(f"--resume {str(out)!r}: the run was trained from {_base_words(old_request)}, but this "
                            f"run asks for {_base_words(request)} (use the same --base options)")
@@ -274,13 +297,21 @@ def _run_manifold(args: argparse.Namespace) -> int:
                            f"{old_select}), but this run asks for --select {select} (pass --select {old_select})")
     options = _optimisation(args, out, device)
     if request is not None and base is None:
-        base, record = _fit_base(request, points, x_1, split, args.seed)
+        base, record = _fit_base(request, points, x_1, split, args.seed, sites)
         info = dataclasses.replace(info, base=record)
-    if not args.resume and C.is_main_process():  # (before run.json, which names it; a killed attempt's is not ours)
+    if sites is not None and not args.resume:  # the base's own choice of (λ, d) until a checkpoint is kept
+        sites = sites.select(x_val, base.log_prob(x_val.double()))[0]
+        info = dataclasses.replace(info, base={**info.base, "sites": _sites_record(sites)})
+    if not args.resume and C.is_main_process():  # (before run.json, which names them; a killed attempt's are not ours)
         if base is not None:
             base.save(out, "base")
         else:
             for name in ("base.json", "base.safetensors"):
+                (out / name).unlink(missing_ok=True)
+        if sites is not None:
+            sites.save(out, "sites")
+        else:
+            for name in ("sites.json", "sites.safetensors"):
                 (out / name).unlink(missing_ok=True)
     C.begin_run(out, info, args.resume)
     source = manifold.random_base if base is None else base.sample
@@ -290,7 +321,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
                     out_dir=out, resume=args.resume, progress=not args.quiet, **options)
     else:
         score = validation_nll(C.split_points(points, "val", args.seed), manifold,
-                               None if base is None else base.log_prob)
+                               None if base is None else base.log_prob, sites=sites)
         res, scores, best = _train_selecting(model, x_1, source=source, path=GeodesicPath(manifold),
                                              device=device, out=out, resume=args.resume, quiet=args.quiet,
                                              score=score, **options)
@@ -300,9 +331,20 @@ def _run_manifold(args: argparse.Namespace) -> int:
         kept = (f"; kept step {best} of the lowest validation NLL {scores[best]:.4g} (step 0: {scores[0]:.4g}, "
                 f"last: {scores[res.step]:.4g}; best.json)")
     final = res.losses[-max(1, len(res.losses) // 10):].mean().item()
+    if sites is not None:  # (λ, d) of the kept weights, chosen on validation
+        from ..training.run import load_run
+
+        kept_model = load_run(out, ema=True, info=info).model
+        sites = sites.select(x_val, _val_log_prob(kept_model, x_val, manifold, base.log_prob))[0]
+        if C.is_main_process():
+            sites.save(out, "sites")
+        info = dataclasses.replace(info, base={**info.base, "sites": _sites_record(sites)})
+        kept += f"; repeated sites: {len(sites)}, weight {sites.weight:.2f} (sites.json)"
     from_base = "" if base is None else f" from a vMF mixture of {len(base)} components (base.json)"
+    trained_on = f"{x_1.shape[0]} points" if sites is None else \
+        f"the {len(sites)} distinct sites of {int(sites.counts.sum())} points"
     C.end_run(out, info, f"trained TangentVelocity(MLP) on {manifold.name}{from_base} for {args.steps} steps on "
-                         f"{x_1.shape[0]} points of {args.data} ({args.split}); final loss {final:.4g}{kept}; "
+                         f"{trained_on} of {args.data} ({args.split}); final loss {final:.4g}{kept}; "
                          f"checkpoint in {out}")
     return 0
 
@@ -334,22 +376,32 @@ def _select_mode(args: argparse.Namespace, request: dict | None) -> str:
     return args.select
 
 
-def validation_nll(x_val: torch.Tensor, manifold, base_log_prob=None):
-    """``score(net) -> float``: ``-mean log p_1(x)`` over ``x_val`` of the flow of ``net``
-    (:func:`~steerflow.manifolds.manifold_log_likelihood` with :data:`VAL_ODE`, ``VAL_BATCH`` points per solve, no
-    autograd graph; ``base_log_prob`` default ``manifold.base_log_prob``), +inf when not finite."""
+def _val_log_prob(net: torch.nn.Module, x_val: torch.Tensor, manifold, base_log_prob=None) -> torch.Tensor:
+    """``log p_1(x)`` (float64, on the CPU) of the flow of ``net`` at ``x_val``:
+    :func:`~steerflow.manifolds.manifold_log_likelihood` with :data:`VAL_ODE`, ``VAL_BATCH`` points per solve, no
+    autograd graph, ``net`` in eval mode for the solve."""
     from ..manifolds import manifold_log_likelihood
 
+    was_training = net.training
+    net.eval()
+    try:
+        x = x_val.to(next(net.parameters()).device)
+        logp = manifold_log_likelihood(net, x, manifold, batch_size=VAL_BATCH, base_log_prob=base_log_prob,
+                                       **VAL_ODE)
+    finally:
+        net.train(was_training)
+    return logp.double().cpu()
+
+
+def validation_nll(x_val: torch.Tensor, manifold, base_log_prob=None, sites=None):
+    """``score(net) -> float``: ``-mean log p_1(x)`` over ``x_val`` of the flow of ``net`` (``base_log_prob``
+    default ``manifold.base_log_prob``), +inf when not finite. With ``sites`` (a
+    :class:`~steerflow.manifolds.RepeatedSites`): the NLL of ``sites.log_prob(x, log p_1(x))`` with ``(λ, d)``
+    chosen on ``x_val`` for these weights."""
+
     def score(net: torch.nn.Module) -> float:
-        was_training = net.training
-        net.eval()
-        try:
-            x = x_val.to(next(net.parameters()).device)
-            logp = manifold_log_likelihood(net, x, manifold, batch_size=VAL_BATCH, base_log_prob=base_log_prob,
-                                           **VAL_ODE)
-        finally:
-            net.train(was_training)
-        nll = float(-logp.double().mean())
+        logp = _val_log_prob(net, x_val, manifold, base_log_prob)
+        nll = float(-logp.mean()) if sites is None else sites.select(x_val, logp)[1]
         return nll if math.isfinite(nll) else math.inf
 
     return score
@@ -404,7 +456,8 @@ def _base_words(request: dict | None) -> str:
         return "the manifold's base distribution (--base uniform)"
     c = request.get("candidates") or {}
     return (f"--base {request.get('name')} (--base-components {' '.join(map(str, c.get('components', [])))} "
-            f"--base-kappa-max {' '.join(f'{k:g}' for k in c.get('kappa_max', []))})")
+            f"--base-kappa-max {' '.join(f'{k:g}' for k in c.get('kappa_max', []))}"
+            f"{' --repeats' if request.get('repeats') else ''})")
 
 
 def _load_saved_base(out: Path):
@@ -421,12 +474,14 @@ def _base_request(args: argparse.Namespace) -> dict | None:
     from ..manifolds.vmf import DEFAULT_COMPONENTS
 
     if args.base == "uniform":
-        for flag, val in (("--base-components", args.base_components), ("--base-kappa-max", args.base_kappa_max)):
+        for flag, val in (("--base-components", args.base_components), ("--base-kappa-max", args.base_kappa_max),
+                          ("--repeats", args.repeats or None)):
             if val is not None:
                 raise CLIError(f"{flag} applies with --base vmf (a fitted von Mises-Fisher mixture on sphere2)")
         return None
-    return {"name": "vmf", "candidates": {"components": list(args.base_components or DEFAULT_COMPONENTS),
-                                          "kappa_max": list(args.base_kappa_max or (1e4,))}}
+    request = {"name": "vmf", "candidates": {"components": list(args.base_components or DEFAULT_COMPONENTS),
+                                             "kappa_max": list(args.base_kappa_max or (1e4,))}}
+    return {**request, "repeats": True} if args.repeats else request
 
 
 CHOSEN_ON = {"held_out": "val", "train_slice": "10% of the training points (held out, then fitted on all)",
@@ -434,12 +489,16 @@ CHOSEN_ON = {"held_out": "val", "train_slice": "10% of the training points (held
 """Where ``run.json`` says the base's ``(K, κ_max)`` was chosen (from ``EMSelection.chosen_on``)."""
 
 
-def _fit_base(request: dict, points: torch.Tensor, x_1: torch.Tensor, split: str, seed: int):
+def _fit_base(request: dict, points: torch.Tensor, x_1: torch.Tensor, split: str, seed: int, sites=None):
     """The vMF mixture ``request`` asks for, fitted to the training points ``x_1`` (chosen on the validation part of
-    the split with ``--split train``, else on a 10 % slice of ``x_1``), and its ``run.json`` record."""
+    the split with ``--split train``, else on a 10 % slice of ``x_1``), and its ``run.json`` record. With ``sites``
+    (``--repeats``) ``x_1`` are the distinct sites and the choice is made on the validation points that repeat none."""
     from ..manifolds.vmf import VonMisesFisherMixture
 
     held_out = C.split_points(points, "val", seed) if split == "train" else None
+    if sites is not None and held_out is not None:
+        new = held_out[~sites.repeats(held_out)]
+        held_out = new if new.shape[0] else held_out
     c = request["candidates"]
     try:
         mix, sel = VonMisesFisherMixture.fit_em_select(x_1, held_out, c["components"], c["kappa_max"], seed=seed)
@@ -448,6 +507,14 @@ def _fit_base(request: dict, points: torch.Tensor, x_1: torch.Tensor, split: str
     record = {**request, "file": "base.json", "components": sel.components, "kappa_max": sel.kappa_max,
               "fitted_components": sel.fitted, "chosen_on": CHOSEN_ON[sel.chosen_on], "held_out_nll": sel.held_out_nll}
     return mix, record
+
+
+def _sites_record(sites) -> dict:
+    """``run.json``'s ``base.sites``: the file and the chosen weight of the repeated sites."""
+    from ..training.run import SITES_NAME
+
+    return {"name": SITES_NAME, "file": f"{SITES_NAME}.json", "sites": len(sites), "events": int(sites.counts.sum()),
+            "kappa": sites.kappa, "weight": sites.weight, "discount": sites.discount, "chosen_on": "val"}
 
 
 def _split_words(split: str, seed: int | None) -> str:

@@ -22,6 +22,6 @@ from .domains import BASES, AbstractDomain, Box, ReflectedPath, Simplex
 __all__ += ["BASES", "AbstractDomain", "Box", "ReflectedPath", "Simplex"]
 
 from .harmonics import SphericalHarmonics
-from .vmf import VonMisesFisherMixture
+from .vmf import RepeatedSites, VonMisesFisherMixture
 
-__all__ += ["SphericalHarmonics", "VonMisesFisherMixture"]
+__all__ += ["RepeatedSites", "SphericalHarmonics", "VonMisesFisherMixture"]

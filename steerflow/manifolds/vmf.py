@@ -362,6 +362,169 @@ class EMSelection:
     chosen_on: str | None
 
 
+DEFAULT_SITE_KAPPA = 1e8
+"""The concentration of a repeated site's component: peak density ``κ/2π ≈ 1.6·10⁷`` per steradian, that of a
+unit mass spread over one cell of a 0.01° latitude–longitude grid near the equator (``≈ 3·10⁻⁸`` sr) — the
+coordinate resolution of the earth catalogues. On a test point that repeats a training site, the log-density
+grows like ``log κ``: figures on catalogues with repeats depend on this number."""
+
+
+@final
+class RepeatedSites:
+    """A density for catalogues whose events recur at the same coordinates (a volcano erupts again, an
+    earthquake is filed at its region's coordinates), around a continuous density ``q`` of new sites:
+
+        ``p(x) = λ Σ_u w_u f(x; s_u, κ) + (1 − λ) q(x)``,  ``w_u ∝ n_u − d``,
+
+    over the distinct training sites ``s_u`` with counts ``n_u`` (a Pitman–Yor-style predictive rule: a new event
+    repeats site ``u`` with probability ``∝ n_u − d``, ``0 ≤ d < 1``). ``κ`` is fixed (:data:`DEFAULT_SITE_KAPPA`);
+    ``λ`` and ``d`` are chosen on held-out points by :meth:`select`. ``q`` is anything with an exact log-density
+    on ``S²`` — a :class:`VonMisesFisherMixture` fitted on :attr:`sites`, or a flow with such a base — passed to
+    :meth:`log_prob` as its values, so a flow's likelihood is computed once.
+
+    Args:
+        sites: ``(U, 3)`` distinct points.
+        counts: ``(U,)`` their multiplicities (``≥ 1``).
+        kappa: the concentration ``κ`` of every site's component.
+        weight: ``λ ∈ [0, 1)``, the probability of a repeated site.
+        discount: ``d ∈ [0, 1)``."""
+
+    def __init__(self, sites: Tensor, counts: Tensor, *, kappa: float = DEFAULT_SITE_KAPPA, weight: float = 0.5,
+                 discount: float = 0.0) -> None:
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if counts.ndim != 1 or counts.shape[0] != sites.shape[0] or not (counts >= 1).all():
+            raise ValueError(f"counts must be {sites.shape[0]} values ≥ 1 (one per site), got shape "
+                             f"{tuple(counts.shape)}")
+        if not 0 <= weight < 1 or not 0 <= discount < 1 or not kappa > 0:
+            raise ValueError(f"weight and discount must lie in [0, 1) and kappa be > 0, got {weight}, {discount}, "
+                             f"{kappa}")
+        self.atoms = VonMisesFisherMixture(sites, float(kappa), counts - discount)
+        self.counts, self.kappa, self.weight, self.discount = counts, float(kappa), float(weight), float(discount)
+
+    def __repr__(self) -> str:
+        return (f"RepeatedSites(U={len(self)}, events={int(self.counts.sum())}, kappa={self.kappa:.3g}, "
+                f"weight={self.weight:.3f}, discount={self.discount:.2f})")
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def sites(self) -> Tensor:
+        """The distinct sites ``(U, 3)`` in float64 (the points to fit the continuous part ``q`` on)."""
+        return self.atoms.means
+
+    def with_weight(self, weight: float, discount: float | None = None) -> RepeatedSites:
+        """The same sites (bit for bit) with another ``λ`` (and discount ``d``, default this one's)."""
+        out = RepeatedSites(self.sites, self.counts, kappa=self.kappa, weight=weight,
+                            discount=self.discount if discount is None else discount)
+        out.atoms.means = self.atoms.means  # (normalising the normalised sites again may move their last bits)
+        return out
+
+    @classmethod
+    def from_points(cls, x: Tensor, **kwargs) -> RepeatedSites:
+        """The distinct rows of ``x`` (bit-identical coordinates are one site) and their counts; ``kwargs`` go to
+        the constructor."""
+        x = _check_points(x)
+        if x.shape[0] < 1:
+            raise ValueError("x must hold at least one point")
+        sites, counts = torch.unique(x.double(), dim=0, return_counts=True)
+        return cls(sites, counts, **kwargs)
+
+    def repeats(self, x: Tensor, tol: float = 1e-7) -> Tensor:
+        """Boolean ``(b,)``: which points of ``x`` lie within chord distance ``tol`` of a site."""
+        x = _check_points(x).double()
+        if x.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        near = torch.cat([torch.cdist(xb, self.sites, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+                          for xb in torch.split(x, 1024)])
+        return near <= tol
+
+    def log_prob(self, x: Tensor, continuous_log_prob: Tensor) -> Tensor:
+        """``log p(x)`` (b,) in float64, given ``log q(x)`` (b,)."""
+        x = _check_points(x)
+        q = torch.as_tensor(continuous_log_prob, dtype=torch.float64)
+        if q.shape != (x.shape[0],):
+            raise ValueError(f"continuous_log_prob must have shape ({x.shape[0]},), got {tuple(q.shape)}")
+        if self.weight == 0:
+            return q
+        return torch.logaddexp(self.atoms.log_prob(x.double()) + math.log(self.weight),
+                               q + math.log1p(-self.weight))
+
+    def sample(self, n: int, continuous_sample, generator: torch.Generator | None = None, *,
+               dtype: torch.dtype = torch.float32, with_mask: bool = False):
+        """``n`` draws: each from the sites with probability ``λ``, else from ``continuous_sample(m, generator)``
+        (called once, for all of them). ``with_mask``: also return which draws came from the sites (``(n,)`` bool)."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int ≥ 0, got {n!r}")
+        at_site = torch.rand(n, generator=generator, dtype=torch.float64) < self.weight
+        out = torch.empty((n, 3), dtype=dtype)
+        m = int(at_site.sum())
+        if m:
+            out[at_site] = self.atoms.sample(m, generator, dtype=dtype)
+        if n - m:
+            out[~at_site] = continuous_sample(n - m, generator).to(dtype)
+        return (out, at_site) if with_mask else out
+
+    def select(self, held_out: Tensor, continuous_log_prob: Tensor, *, weights: Sequence[float] | None = None,
+               discounts: Sequence[float] = (0.0, 0.5, 0.9)) -> tuple[RepeatedSites, float]:
+        """The ``(λ, d)`` pair (from ``weights``, default ``0, 0.05, …, 0.95``, × ``discounts``) with the lowest mean
+        ``-log p`` on ``held_out`` given ``log q(held_out)``; the first of equal scores is kept. Returns the chosen
+        instance and its held-out NLL."""
+        held_out = _check_points(held_out).double()
+        weights = [round(0.05 * i, 2) for i in range(20)] if weights is None else [float(w) for w in weights]
+        if not weights or not discounts or held_out.shape[0] < 1:
+            raise ValueError("select needs at least one weight, one discount and one held-out point")
+        best = None
+        for d in discounts:
+            for w in weights:
+                cand = self.with_weight(w, float(d))
+                score = float(-cand.log_prob(held_out, continuous_log_prob).mean())
+                if best is None or score < best[0]:
+                    best = (score, cand)
+        return best[1], best[0]
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, name: str = "sites") -> Path:
+        """Write ``directory/<name>.safetensors`` (``sites``, ``counts`` in float64) and then ``directory/<name>.json``
+        (format, class, ``kappa``, ``weight``, ``discount``), each atomically. Returns the JSON file's path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        config = d / f"{name}.json"
+        config.unlink(missing_ok=True)
+        write_weights({"sites": self.sites, "counts": self.counts}, d / f"{name}.safetensors", fmt=BASE_FORMAT)
+        write_json({"format": BASE_FORMAT, "version": BASE_VERSION, "class": type(self).__name__,
+                    "manifold": "sphere2", "sites": len(self), "kappa": self.kappa, "weight": self.weight,
+                    "discount": self.discount, "tensors": f"{name}.safetensors"}, config)
+        return config
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, name: str = "sites") -> RepeatedSites:
+        """What :meth:`save` wrote into ``directory``. ``FileNotFoundError`` naming a missing file, ``ValueError``
+        naming a corrupt one."""
+        config = Path(directory) / f"{name}.json"
+        meta = read_json(config)
+        if not (isinstance(meta, dict) and meta.get("format") == BASE_FORMAT and meta.get("class") == cls.__name__
+                and isinstance(meta.get("tensors"), str)):
+            raise ValueError(f"corrupt {config}: not a {BASE_FORMAT} file of a {cls.__name__}")
+        if not isinstance(meta.get("version"), int) or meta["version"] > BASE_VERSION:
+            raise ValueError(f"{config} has version {meta.get('version')!r}; this steerflow reads <= {BASE_VERSION}")
+        path = config.parent / meta["tensors"]
+        t = read_weights(path)
+        U = t["sites"].shape[0] if "sites" in t and t["sites"].ndim == 2 else -1
+        if (set(t) != {"sites", "counts"} or any(v.dtype != torch.float64 for v in t.values())
+                or t["sites"].shape != (U, 3) or t["counts"].shape != (U,)):
+            raise ValueError(f"corrupt {path}: expected float64 tensors sites (U, 3) and counts (U,), got "
+                             f"{ {k: (tuple(v.shape), str(v.dtype)) for k, v in t.items()} }")
+        try:
+            out = cls(t["sites"], t["counts"], kappa=float(meta["kappa"]), weight=float(meta["weight"]),
+                      discount=float(meta["discount"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupt {config}: {e}") from None
+        out.atoms.means = t["sites"]  # the saved sites' exact bits
+        return out
+
+
 def _check_points(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor of points (b, 3) on S², got {type(x).__name__}")

@@ -23,6 +23,8 @@ from .checkpoint import BASE_NAME
 
 RUN_FILE = "run.json"
 BASE_FILE = f"{BASE_NAME}.json"
+SITES_NAME = "sites"
+"""``sites.json`` / ``sites.safetensors``: the repeated sites of a run trained with ``steerflow train --repeats``."""
 """The fitted source of a run (a :class:`~steerflow.manifolds.VonMisesFisherMixture`), beside ``run.json`` with
 its tensors in ``base.safetensors``."""
 
@@ -48,6 +50,8 @@ class RunInfo:
     run before fitted bases existed), else the record of the fitted source saved beside the checkpoints as
     ``base.json`` + ``base.safetensors`` (:data:`BASE_FILE`): ``{"name": "vmf", "file": "base.json", ...}`` with
     how it was chosen (``steerflow train --base vmf``). :func:`load_run` then loads it as ``LoadedRun.base``.
+    With ``--repeats`` the record holds ``"repeats": true`` and ``"sites": {"name": "sites", "sites": U, "kappa": κ,
+    "weight": λ, "discount": d, ...}`` for ``sites.json`` + ``sites.safetensors``, loaded as ``LoadedRun.sites``.
 
     ``selection`` is None when the run's model is its last checkpoint, else how the run chose among its checkpoints
     (``steerflow train --select val``): ``{"metric": "val_nll", "weights": "ema" | "model", "ode": {...},
@@ -135,7 +139,9 @@ class LoadedRun:
     then a ``TangentVelocity``; sample with ``geometry=manifold``), else None. ``base`` is the fitted source the
     flow was trained from (a :class:`~steerflow.manifolds.VonMisesFisherMixture`: sample ``x_0`` with
     ``base.sample`` and score with ``base_log_prob=base.log_prob``), or None: the source is
-    ``manifold.random_base`` (``manifold.base_log_prob``), or ``info.source`` for a flat flow.
+    ``manifold.random_base`` (``manifold.base_log_prob``), or ``info.source`` for a flat flow. ``sites`` is the
+    :class:`~steerflow.manifolds.RepeatedSites` of a run trained with ``--repeats`` (``sites.json``): the model's
+    density is then ``sites.log_prob(x, log p_1(x))`` and its samples ``sites.sample(n, flow_sampler)``; else None.
     """
 
     model: nn.Module
@@ -143,6 +149,7 @@ class LoadedRun:
     directory: Path
     manifold: Any = None
     base: Any = None
+    sites: Any = None
 
 
 def load_run(directory: str | os.PathLike, *, ema: bool = True, device: torch.device | str = "cpu",
@@ -179,7 +186,12 @@ def load_run(directory: str | os.PathLike, *, ema: bool = True, device: torch.de
                                 f"{d / BASE_FILE} is missing")
     if info.base is None and (d / RUN_FILE).is_file():
         base = None  # its run.json says the run used the manifold's own base distribution
-    return LoadedRun(model=model, info=info, directory=d, manifold=manifold, base=base)
+    sites = None
+    if isinstance((info.base or {}).get("sites"), dict):
+        from ..manifolds.vmf import RepeatedSites
+
+        sites = RepeatedSites.load(d, info.base["sites"].get("name", SITES_NAME))
+    return LoadedRun(model=model, info=info, directory=d, manifold=manifold, base=base, sites=sites)
 
 
 __all__ = ["RUN_FILE", "BASE_FILE", "RunInfo", "LoadedRun", "load_run", "write_json"]
