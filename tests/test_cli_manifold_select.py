@@ -156,9 +156,10 @@ def test_an_untrained_selected_flow_scores_exactly_as_its_base(runs, tmp_path, c
     assert ckpt.step == 0 and ckpt.path.name == "step-00000000"
     assert not ckpt.model.model.net[-1].weight.any() and not ckpt.model.model.net[-1].bias.any()
     assert load_checkpoint(run, latest=True).step == 4
-    rc, _, err = run_cli(capsys, "eval", "--ckpt", run, "--steps", 4, "--out", tmp_path / "e.json", "--quiet")
+    rc, stdout, err = run_cli(capsys, "eval", "--ckpt", run, "--steps", 4, "--out", tmp_path / "e.json", "--quiet")
     assert rc == 0, err
     res = json.loads((tmp_path / "e.json").read_text())
+    assert res["selected_step"] == 0 and "step 0 kept on validation" in stdout  # eval names the checkpoint it scored
     _, _, test = split_parts(csv)
     base = VonMisesFisherMixture.load(run)
     assert res["nll"] == float(-base.log_prob(test).double().mean())

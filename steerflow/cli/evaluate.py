@@ -207,7 +207,9 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
                      f"({len(fitted)} components)")
     base = float(-base_lp.mean())
     trained_on = " — trained on these points" if leak else ""
-    print(f"checkpoint {args.ckpt} ({M.name}) on {x.shape[0]} points of {data_name} "
+    selected = (info.selection or {}).get("selected_step")  # (train --select val: the checkpoint loaded)
+    kept = "" if selected is None else f", step {selected} kept on validation"
+    print(f"checkpoint {args.ckpt} ({M.name}{kept}) on {x.shape[0]} points of {data_name} "
           f"(split {split}, seed {seed}{trained_on})")
     solver = args.method if args.method == "dopri5" else f"{args.method}, {args.steps} steps"
     print("\n| model | NLL (nats) |\n|---|---:|")
@@ -223,7 +225,7 @@ def run_manifold(args: argparse.Namespace, loaded: C.Loaded) -> int:
         print(f"| points the flow does not reach (log p = -inf, left out above) | {len(bad)} of {logp.numel()} |")
     out = Path(args.out) if args.out else loaded.directory / "eval.json"
     C.write_json(out, {"ckpt": str(args.ckpt), "manifold": M.name, "data": data_name, "split": split, "seed": seed,
-                       "trained_split": info.split or "all", "leak": bool(leak),
+                       "trained_split": info.split or "all", "leak": bool(leak), "selected_step": selected,
                        "n": int(x.shape[0]), "nll": nll, "nll_stderr": se, "base_nll": base,
                        "base": None if fitted is None else (info.base or {}).get("name", "vmf"),
                        "sites": None if sites is None else {**info.base["sites"], "parts": parts},
