@@ -434,8 +434,9 @@ class RepeatedSites:
         """Boolean ``(b,)``: which points of ``x`` lie within chord distance ``tol`` of a site."""
         x = _check_points(x).double()
         if x.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.bool)
-        near = torch.cat([torch.cdist(xb, self.sites, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+            return torch.zeros(0, dtype=torch.bool, device=x.device)
+        sites = self.sites.to(x.device)
+        near = torch.cat([torch.cdist(xb, sites, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
                           for xb in torch.split(x, 1024)])
         return near <= tol
 
