@@ -453,8 +453,9 @@ class RepeatedSites:
 
     def sample(self, n: int, continuous_sample, generator: torch.Generator | None = None, *,
                dtype: torch.dtype = torch.float32, with_mask: bool = False):
-        """``n`` draws: each from the sites with probability ``λ``, else from ``continuous_sample(m, generator)``
-        (called once, for all of them). ``with_mask``: also return which draws came from the sites (``(n,)`` bool)."""
+        """``n`` draws on the CPU: each from the sites with probability ``λ``, else from
+        ``continuous_sample(m, generator)`` (called once, for all of them). ``with_mask``: also return which draws came
+        from the sites (``(n,)`` bool)."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int ≥ 0, got {n!r}")
         at_site = torch.rand(n, generator=generator, dtype=torch.float64) < self.weight
@@ -463,7 +464,7 @@ class RepeatedSites:
         if m:
             out[at_site] = self.atoms.sample(m, generator, dtype=dtype)
         if n - m:
-            out[~at_site] = continuous_sample(n - m, generator).to(dtype)
+            out[~at_site] = continuous_sample(n - m, generator).to(device=out.device, dtype=dtype)
         return (out, at_site) if with_mask else out
 
     def select(self, held_out: Tensor, continuous_log_prob: Tensor, *, weights: Sequence[float] | None = None,
