@@ -37,6 +37,11 @@ def write_catalogue(path, n_sites: int = 50, n_repeats: int = 40, seed: int = 0)
     path.write_text("lat,lon\n" + "\n".join(rows) + "\n")
 
 
+def rec_weight(run) -> float:
+    """The sites' weight ``run.json`` records."""
+    return json.loads((run / "run.json").read_text())["base"]["sites"]["weight"]
+
+
 def splits(csv):
     return random_split(load_latlon_csv(csv), (0.8, 0.1, 0.1), generator=torch.Generator().manual_seed(SEED))
 
@@ -149,6 +154,7 @@ def test_resume_keeps_the_repeats_option(sites_run, tmp_path, capsys):
     csv, run = sites_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    RepeatedSites.load(copy).with_weight(0.05).save(copy)  # a stale choice, as after a killed run
     rc, _, err = run_cli(capsys, "train", "--manifold", "sphere2", "--data", csv, "--split", "train", "--seed", SEED,
                          "--steps", 20, "--ckpt-every", 10, "--base", "vmf", "--base-components", 3, 10,
                          "--out", copy, "--resume", *QUICK)
@@ -157,7 +163,9 @@ def test_resume_keeps_the_repeats_option(sites_run, tmp_path, capsys):
                          "--steps", 20, "--ckpt-every", 10, "--base", "vmf", "--base-components", 3, 10,
                          "--repeats", "--out", copy, "--resume", *QUICK)
     assert rc == 0, err
-    assert RepeatedSites.load(copy).weight == load_run(copy).sites.weight
+    # the resumed run chose (λ, d) again for its kept weights: a stale sites.json is replaced by the same choice
+    # as the original run's, and run.json records it
+    assert rec_weight(copy) == RepeatedSites.load(copy).weight == RepeatedSites.load(run).weight != 0.05
 
 
 @pytest.mark.parametrize("damage, fragments", [

@@ -145,3 +145,19 @@ def test_bad_calls_say_what_is_expected():
         RepeatedSites.from_points(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="at least one"):
         r.select(x, torch.zeros(9), weights=[])
+
+
+def test_save_load_is_bit_for_bit_and_refuses_sites_off_the_sphere(tmp_path):
+    from safetensors.torch import save_file
+
+    x = unit(torch.randn(40, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    r = RepeatedSites.from_points(torch.cat([x, x[:7]])).select(x[:9], torch.zeros(9))[0]
+    r.save(tmp_path)
+    back = RepeatedSites.load(tmp_path)
+    assert torch.equal(back.sites, r.sites) and torch.equal(back.counts, r.counts)
+    assert (back.kappa, back.weight, back.discount) == (r.kappa, r.weight, r.discount)
+    # another weight keeps the sites' bits (the sites are normalised once)
+    assert torch.equal(r.with_weight(0.3, 0.5).sites, r.sites)
+    save_file({"sites": 2 * r.sites, "counts": r.counts}, str(tmp_path / "sites.safetensors"))
+    with pytest.raises(ValueError, match="not unit vectors"):
+        RepeatedSites.load(tmp_path)

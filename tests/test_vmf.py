@@ -205,3 +205,13 @@ def test_sample_given_draws_from_each_points_own_component_and_keeps_the_margina
     y0, y1 = couple(torch.zeros(5, 3), x1[:5].float(), generator=torch.Generator().manual_seed(1))
     assert torch.equal(y1, x1[:5].float()) and y0.dtype == torch.float32
     assert torch.allclose(y0.norm(dim=1), torch.ones(5))
+
+
+def test_normalised_parameters_keep_their_bits_and_others_are_normalised():
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    mix = VonMisesFisherMixture(raw, 5.0, torch.rand(20, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(mix.means.norm(dim=1), torch.ones(20, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert abs(float(mix.weights.sum()) - 1) < 1e-15
+    again = VonMisesFisherMixture(mix.means, mix.kappas, mix.weights)
+    assert torch.equal(again.means, mix.means) and torch.equal(again.weights, mix.weights)

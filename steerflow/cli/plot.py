@@ -92,7 +92,7 @@ def _density_grid(loaded, n_lat: int = 36, n_lon: int = 72, batch: int = 2048):
     base_log_prob = None if loaded.base is None else loaded.base.log_prob
     logp = manifold_log_likelihood(loaded.model, x.to(device), loaded.manifold, method="rk4", steps=24,
                                    batch_size=batch, base_log_prob=base_log_prob).cpu()
-    if getattr(loaded, "sites", None) is not None:  # (the sites' components are far narrower than a cell)
+    if loaded.sites is not None:  # (the sites' components are far narrower than a cell)
         logp = loaded.sites.log_prob(x, logp)
     return torch.deg2rad(LON).numpy(), torch.deg2rad(LAT).numpy(), logp.reshape(n_lat, n_lon).numpy()
 

@@ -8,7 +8,6 @@ ending in ``.csv``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
@@ -55,29 +54,38 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
     from its sites with probability ``λ`` (``RepeatedSites.sample``), else from the flow; ``x_0`` of a site draw is
     the point itself.
     """
+    def flow(m: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return _draw_flow(loaded, m, g, steps=steps, method=method, grid=grid, shift=shift, batch=batch,
+                          device=device, progress=progress)
+
     sites = getattr(loaded, "sites", None)
-    if sites is not None:
-        sources = []
+    if sites is None:
+        x_0, x_1 = flow(n, C.generator(seed))
+        return (x_0, x_1) if return_source else x_1
+    sources = []  # the flow's x_0 of the draws not at a site
 
-        def from_flow(m, g):
-            x_0, x_1 = draw(dataclasses.replace(loaded, sites=None), m, steps=steps, method=method, seed=seed,
-                            grid=grid, shift=shift, batch=batch, device=device, return_source=True, progress=progress)
-            sources.append(x_0)
-            return x_1
+    def flow_points(m: int, _) -> torch.Tensor:
+        x_0, x_1 = flow(m, C.generator(seed))
+        sources.append(x_0)
+        return x_1
 
-        x_1, at_site = sites.sample(n, from_flow, C.generator(seed + 1), with_mask=True)
-        if not return_source:
-            return x_1
-        x_0 = x_1.clone()
-        if sources:
-            x_0[~at_site] = sources[0].to(x_0.dtype)
-        return x_0, x_1
+    x_1, at_site = sites.sample(n, flow_points, C.generator(seed + 1), with_mask=True)
+    if not return_source:
+        return x_1
+    x_0 = x_1.clone()
+    if sources:
+        x_0[~at_site] = sources[0].to(x_0.dtype)
+    return x_0, x_1
+
+
+def _draw_flow(loaded: C.Loaded, n: int, g: torch.Generator, *, steps: int | None, method: str | None, grid: str,
+               shift: float, batch: int, device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_0, x_1)``: ``n`` source draws with ``g`` and their ODE solves (the flow of :func:`draw`)."""
     from ..solvers import sample, shifted_grid, uniform_grid
 
     info = loaded.info
     method = method or info.default_method
     steps = steps or info.default_steps
-    g = C.generator(seed)
     manifold = getattr(loaded, "manifold", None)
     base = getattr(loaded, "base", None)
     if base is not None:
@@ -101,8 +109,7 @@ def draw(loaded: C.Loaded, n: int, *, steps: int | None, method: str | None, see
             xb = x_0[i:i + batch].to(device)
             out.append(sample(loaded.model, xb, ts=ts, method=method, generator=g, geometry=manifold,
                               progress=progress and not many).cpu())
-    x_1 = torch.cat(out)
-    return (x_0, x_1) if return_source else x_1
+    return x_0, torch.cat(out)
 
 
 def write_latlon(path: str, x: torch.Tensor) -> None:

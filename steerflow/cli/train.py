@@ -131,8 +131,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="with --manifold: which checkpoint the run keeps as its model. last: the last step; val "
                         "(needs --split train): the one with the lowest validation NLL among step 0 and every "
                         "checkpoint (--ckpt-every), named in best.json and used by sample/eval/plot (--resume "
-                        "still continues from the last step). Default: val with --base vmf --split train (on one process), "
-                        "else last")
+                        "still continues from the last step). Default: val with --base vmf --split train (on one "
+                        "process), else last")
 
 
 def build(model_name: str | None, event_shape: tuple[int, ...], hidden: int | None, n_classes: int | None = None,
@@ -248,12 +248,13 @@ def _run_manifold(args: argparse.Namespace) -> int:
     points = C.load_manifold_data(args.data, manifold)
     split = args.split
     x_1 = C.split_points(points, split, args.seed)
-    sites = x_val = None
+    x_val = C.split_points(points, "val", args.seed) if split == "train" else None
+    sites = None
     if repeats:  # a component per distinct training site; the flow and its base learn where new sites appear
         from ..manifolds.vmf import RepeatedSites
 
         sites = RepeatedSites.from_points(x_1)
-        x_1, x_val = sites.sites.to(x_1.dtype), C.split_points(points, "val", args.seed)
+        x_1 = sites.sites.to(x_1.dtype)
     config = {"dim": manifold.ambient_dim}
     if args.hidden is not None:
         config["hidden"] = args.hidden
@@ -297,7 +298,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
                            f"{old_select}), but this run asks for --select {select} (pass --select {old_select})")
     options = _optimisation(args, out, device)
     if request is not None and base is None:
-        base, record = _fit_base(request, points, x_1, split, args.seed, sites)
+        base, record = _fit_base(request, x_1, x_val, args.seed, sites)
         info = dataclasses.replace(info, base=record)
     if sites is not None and not args.resume:  # the base's own choice of (λ, d) until a checkpoint is kept
         sites = sites.select(x_val, base.log_prob(x_val.double()))[0]
@@ -320,8 +321,7 @@ def _run_manifold(args: argparse.Namespace) -> int:
         res = train(model, x_1, source=source, coupling=None, path=GeodesicPath(manifold), device=device,
                     out_dir=out, resume=args.resume, progress=not args.quiet, **options)
     else:
-        score = validation_nll(C.split_points(points, "val", args.seed), manifold,
-                               None if base is None else base.log_prob, sites=sites)
+        score = validation_nll(x_val, manifold, None if base is None else base.log_prob, sites=sites)
         res, scores, best = _train_selecting(model, x_1, source=source, path=GeodesicPath(manifold),
                                              device=device, out=out, resume=args.resume, quiet=args.quiet,
                                              score=score, **options)
@@ -489,13 +489,13 @@ CHOSEN_ON = {"held_out": "val", "train_slice": "10% of the training points (held
 """Where ``run.json`` says the base's ``(K, κ_max)`` was chosen (from ``EMSelection.chosen_on``)."""
 
 
-def _fit_base(request: dict, points: torch.Tensor, x_1: torch.Tensor, split: str, seed: int, sites=None):
-    """The vMF mixture ``request`` asks for, fitted to the training points ``x_1`` (chosen on the validation part of
-    the split with ``--split train``, else on a 10 % slice of ``x_1``), and its ``run.json`` record. With ``sites``
-    (``--repeats``) ``x_1`` are the distinct sites and the choice is made on the validation points that repeat none."""
+def _fit_base(request: dict, x_1: torch.Tensor, held_out: torch.Tensor | None, seed: int, sites=None):
+    """The vMF mixture ``request`` asks for, fitted to the training points ``x_1`` (chosen on ``held_out``, the
+    validation part of the split with ``--split train``, else on a 10 % slice of ``x_1``), and its ``run.json``
+    record. With ``sites`` (``--repeats``) ``x_1`` are the distinct sites and the choice is made on the held-out
+    points that repeat none."""
     from ..manifolds.vmf import VonMisesFisherMixture
 
-    held_out = C.split_points(points, "val", seed) if split == "train" else None
     if sites is not None and held_out is not None:
         new = held_out[~sites.repeats(held_out)]
         held_out = new if new.shape[0] else held_out

@@ -111,7 +111,7 @@ class VonMisesFisherMixture:
         if weights.shape != (K,) or not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"weights must be {K} finite values ≥ 0 with a positive sum, "
                              f"got shape {tuple(weights.shape)}")
-        self.means, self.kappas, self.weights = means / norms, kappas, weights / weights.sum()
+        self.means, self.kappas, self.weights = _normalised(means, norms), kappas, _normalised(weights, weights.sum())
 
     def __repr__(self) -> str:
         lo, hi = float(self.kappas.min()), float(self.kappas.max())
@@ -338,11 +338,9 @@ class VonMisesFisherMixture:
             mix = cls(t["means"], t["kappas"], t["weights"])
         except ValueError as e:
             raise ValueError(f"corrupt {path}: {e}") from None
-        # the stored parameters were normalised when fitted; keep their exact bits (normalising again may not)
-        if not (torch.allclose(mix.means, t["means"], rtol=0, atol=1e-12)
-                and torch.allclose(mix.weights, t["weights"], rtol=0, atol=1e-12)):
+        # the stored parameters were normalised when fitted (and the constructor keeps normalised ones bit for bit)
+        if not (torch.equal(mix.means, t["means"]) and torch.equal(mix.weights, t["weights"])):
             raise ValueError(f"corrupt {path}: the means are not unit vectors or the weights do not sum to 1")
-        mix.means, mix.kappas, mix.weights = t["means"], t["kappas"], t["weights"]
         return mix
 
 
@@ -415,10 +413,8 @@ class RepeatedSites:
 
     def with_weight(self, weight: float, discount: float | None = None) -> RepeatedSites:
         """The same sites (bit for bit) with another ``λ`` (and discount ``d``, default this one's)."""
-        out = RepeatedSites(self.sites, self.counts, kappa=self.kappa, weight=weight,
-                            discount=self.discount if discount is None else discount)
-        out.atoms.means = self.atoms.means  # (normalising the normalised sites again may move their last bits)
-        return out
+        return RepeatedSites(self.sites, self.counts, kappa=self.kappa, weight=weight,
+                             discount=self.discount if discount is None else discount)
 
     @classmethod
     def from_points(cls, x: Tensor, **kwargs) -> RepeatedSites:
@@ -446,10 +442,7 @@ class RepeatedSites:
         q = torch.as_tensor(continuous_log_prob, dtype=torch.float64)
         if q.shape != (x.shape[0],):
             raise ValueError(f"continuous_log_prob must have shape ({x.shape[0]},), got {tuple(q.shape)}")
-        if self.weight == 0:
-            return q
-        return torch.logaddexp(self.atoms.log_prob(x.double()) + math.log(self.weight),
-                               q + math.log1p(-self.weight))
+        return _two_part(self.atoms.log_prob(x.double()), q, self.weight)
 
     def sample(self, n: int, continuous_sample, generator: torch.Generator | None = None, *,
                dtype: torch.dtype = torch.float32, with_mask: bool = False):
@@ -476,14 +469,21 @@ class RepeatedSites:
         weights = [round(0.05 * i, 2) for i in range(20)] if weights is None else [float(w) for w in weights]
         if not weights or not discounts or held_out.shape[0] < 1:
             raise ValueError("select needs at least one weight, one discount and one held-out point")
+        q = torch.as_tensor(continuous_log_prob, dtype=torch.float64)
+        if q.shape != (held_out.shape[0],):
+            raise ValueError(f"continuous_log_prob must have shape ({held_out.shape[0]},), got {tuple(q.shape)}")
+        # log f(x; s_u, κ) once; each discount only reweights it, each λ only mixes it with q
+        log_f = self.atoms.component_log_prob(held_out) - torch.log(self.atoms.weights)
         best = None
-        for d in discounts:
+        for d in (float(d) for d in discounts):
+            w_d = self.counts - d
+            sites_lp = torch.logsumexp(log_f + torch.log(w_d / w_d.sum()), dim=1)
             for w in weights:
-                cand = self.with_weight(w, float(d))
-                score = float(-cand.log_prob(held_out, continuous_log_prob).mean())
+                score = float(-_two_part(sites_lp, q, w).mean())
                 if best is None or score < best[0]:
-                    best = (score, cand)
-        return best[1], best[0]
+                    best = (score, w, d)
+        score, w, d = best
+        return self.with_weight(w, d), score
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -523,8 +523,22 @@ class RepeatedSites:
                       discount=float(meta["discount"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupt {config}: {e}") from None
-        out.atoms.means = t["sites"]  # the saved sites' exact bits
+        if not torch.equal(out.sites, t["sites"]):
+            raise ValueError(f"corrupt {path}: the sites are not unit vectors")
         return out
+
+
+def _two_part(sites_log_prob: Tensor, q: Tensor, weight: float) -> Tensor:
+    """``log(λ p_sites + (1 − λ) q)`` from the two log-densities (``q`` itself at ``λ = 0``)."""
+    if weight == 0:
+        return q
+    return torch.logaddexp(sites_log_prob + math.log(weight), q + math.log1p(-weight))
+
+
+def _normalised(v: Tensor, norm: Tensor) -> Tensor:
+    """``v / norm``, except where ``norm`` is 1 to rounding (8 units in the last place): there ``v`` as it is, so that
+    normalising normalised parameters (a reload, a copy with other weights) keeps their bits."""
+    return torch.where((norm - 1).abs() <= 8 * torch.finfo(torch.float64).eps, v, v / norm)
 
 
 def _check_points(x: Tensor) -> Tensor:

@@ -23,10 +23,10 @@ from .checkpoint import BASE_NAME
 
 RUN_FILE = "run.json"
 BASE_FILE = f"{BASE_NAME}.json"
-SITES_NAME = "sites"
-"""``sites.json`` / ``sites.safetensors``: the repeated sites of a run trained with ``steerflow train --repeats``."""
 """The fitted source of a run (a :class:`~steerflow.manifolds.VonMisesFisherMixture`), beside ``run.json`` with
 its tensors in ``base.safetensors``."""
+SITES_NAME = "sites"
+"""``sites.json`` / ``sites.safetensors``: the repeated sites of a run trained with ``steerflow train --repeats``."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class RunInfo:
     ``selection`` is None when the run's model is its last checkpoint, else how the run chose among its checkpoints
     (``steerflow train --select val``): ``{"metric": "val_nll", "weights": "ema" | "model", "ode": {...},
     "selected_step": k, "val_nll": {"<step>": nll, ...}}``, the validation NLL of the scored weights at step 0 and
-    at every checkpoint (null where it is not finite), ``selected_step`` the lowest (``selected_step`` and the curve are filled in when the run
-    ends; ``best.json`` beside the checkpoints holds them as it goes, see
+    at every checkpoint (null where it is not finite), ``selected_step`` the lowest (``selected_step`` and the curve
+    are filled in when the run ends; ``best.json`` beside the checkpoints holds them as it goes, see
     :func:`~steerflow.training.checkpoint.select_checkpoint`).
     """
 
